@@ -1,0 +1,38 @@
+# The README's two commands: `make run` (the whole pipeline on the embedded default) and `make test`.
+# Each sets up what it needs first; setup is idempotent and takes seconds once done.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SYSTEM_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PROFILE ?= params.yaml
+
+.PHONY: run test setup system-packages clean-runs
+
+run: setup
+	$(VENV)/bin/snakemake --cores all --config params_file=$(PROFILE)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+setup: system-packages $(STAMP) .dvc/config
+
+# ffcv compiles against libturbojpeg and OpenCV, found through pkg-config.
+system-packages:
+	@if ! dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1; then \
+	  echo "installing system packages: $(SYSTEM_PACKAGES)"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); \
+	fi
+
+$(STAMP): pyproject.toml
+	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip check
+	@touch $@
+
+.dvc/config: | $(STAMP)
+	$(VENV)/bin/dvc init -q
