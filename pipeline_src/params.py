@@ -248,7 +248,8 @@ def _check_leaf(spec: Spec, value: Any, path: tuple[str, ...], src: str) -> Any:
 
 def _unknown(key: str, known: list[str], path: tuple[str, ...], src: str) -> ParamsError:
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {sorted(known)}"
+    hint = (f"; did you mean '{_where(path + (close[0],))}'?" if close
+            else f"; valid keys here: {sorted(known)}")
     return ParamsError(f"{src}: unknown key '{_where(path + (key,))}'{hint}")
 
 
@@ -374,6 +375,7 @@ def load(path: str | Path = DEFAULT_PARAMS, sets: list[str] | tuple[str, ...] = 
     params = _validate(SCHEMA, raw, (), src)
     _check_references(params, src)
     params["_source"] = src
+    params["_sets"] = [a.split("=", 1)[0] for a in sets]
     return params
 
 
@@ -419,6 +421,9 @@ def run_recipe(params: dict, run: str) -> tuple[list[str], dict[str, Any]]:
 def resolve_run(params: dict, run: str) -> dict:
     """The params one run trains with: shared sections plus its tricks and `set` applied."""
     names, sets = run_recipe(params, run)
+    # A --set on the command line wins over the run's own tricks: it is the user's last word.
+    for dotted in params["_sets"]:
+        sets.pop(dotted, None)
     resolved = copy.deepcopy(params)
     for dotted, value in sets.items():
         node = resolved

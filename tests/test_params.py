@@ -1,0 +1,146 @@
+"""params.yaml is the single source of truth: validation, --set, run resolution, the paper profile."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline_src import params as P
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, mutate) -> Path:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    mutate(raw)
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_default_params_load_with_every_key():
+    params = P.load(ROOT / "params.yaml")
+    for section, node in P.SCHEMA.items():
+        assert section in params
+        if isinstance(node, dict):
+            assert set(params[section]) == set(node)
+
+
+def test_unknown_key_names_path_file_and_suggestion(tmp_path):
+    path = _write(tmp_path, lambda raw: raw["train"].__setitem__("epohcs", 3))
+    with pytest.raises(P.ParamsError) as err:
+        P.load(path)
+    msg = str(err.value)
+    assert str(path) in msg and "train.epohcs" in msg and "did you mean 'train.epochs'" in msg
+
+
+def test_unknown_section_is_an_error(tmp_path):
+    path = _write(tmp_path, lambda raw: raw.__setitem__("trian", {}))
+    with pytest.raises(P.ParamsError, match="unknown key 'trian'.*did you mean 'train'"):
+        P.load(path)
+
+
+def test_missing_key_is_an_error_not_a_hidden_default(tmp_path):
+    path = _write(tmp_path, lambda raw: raw["loader"].pop("res"))
+    with pytest.raises(P.ParamsError, match=r"section 'loader' is missing key\(s\) \['res'\]"):
+        P.load(path)
+
+
+@pytest.mark.parametrize("key,value,pattern", [
+    ("train.epochs", "1.5", "must be an integer"),
+    ("train.epochs", "0", "must be >= 1"),
+    ("train.schedule", "linear", r"must be one of \['step', 'cosine'\]"),
+    ("train.nesterov", "yes please", "must be true or false"),
+    ("augment.crop_area", "[0.9, 0.1]", "low <= high"),
+    ("augment.mean", "[1, 2]", "must have 3 items"),
+    ("train.step_milestones", "[6, 3]", "strictly increasing"),
+    ("data.on_corrupt", "ignore", "must be one of"),
+])
+def test_wrong_values_are_rejected(key, value, pattern):
+    with pytest.raises(P.ParamsError, match=pattern):
+        P.load(ROOT / "params.yaml", [f"{key}={value}"])
+
+
+def test_set_overrides_and_is_validated():
+    params = P.load(ROOT / "params.yaml", ["train.epochs=3", "data.imagenet_dir=/x/y", "augment.flip=false"])
+    assert params["train"]["epochs"] == 3
+    assert params["data"]["imagenet_dir"] == "/x/y"
+    assert params["augment"]["flip"] is False
+    with pytest.raises(P.ParamsError, match="unknown key 'train.lr'"):
+        P.load(ROOT / "params.yaml", ["train.lr=0.2"])
+    with pytest.raises(P.ParamsError, match="expected KEY=VALUE"):
+        P.load(ROOT / "params.yaml", ["train.epochs"])
+
+
+def test_runs_stack_their_bases_tricks():
+    params = P.load(ROOT / "params.yaml")
+    run = P.resolve_run(params, "t6-label-smoothing")
+    assert run["run"]["tricks"] == ["large_batch", "warmup", "zero_gamma", "no_bias_decay", "amp",
+                                    "resnet_d", "cosine", "label_smoothing"]
+    assert run["model"]["variant"] == "D" and run["train"]["schedule"] == "cosine"
+    assert run["train"]["label_smoothing"] == pytest.approx(0.1)
+    assert P.resolve_run(params, "baseline")["train"] == params["train"]
+
+
+def test_generated_single_trick_and_leave_one_out_runs():
+    params = P.load(ROOT / "params.yaml")
+    names = P.all_run_names(params)
+    for trick in params["study"]["single_trick"]["tricks"]:
+        assert f"single-{trick}" in names
+    single = P.resolve_run(params, "single-cosine")
+    assert single["run"]["tricks"] == ["cosine"] and single["train"]["schedule"] == "cosine"
+    loo = P.resolve_run(params, "loo-cosine")
+    assert "cosine" not in loo["run"]["tricks"] and loo["train"]["schedule"] == "step"
+    assert loo["train"]["mixup_alpha"] == pytest.approx(0.2)
+
+
+def test_command_line_set_wins_over_a_runs_tricks():
+    params = P.load(ROOT / "params.yaml", ["train.epochs=2"])
+    assert P.resolve_run(params, "t6-mixup")["train"]["epochs"] == 2
+
+
+def test_bad_run_references_are_errors(tmp_path):
+    path = _write(tmp_path, lambda raw: raw["runs"]["baseline"].__setitem__("tricks", ["cosin"]))
+    with pytest.raises(P.ParamsError, match="did you mean 'runs.baseline.tricks.cosine'"):
+        P.load(path)
+    path = _write(tmp_path, lambda raw: raw["tricks"].__setitem__("bad", {"paths.data": "x"}))
+    with pytest.raises(P.ParamsError, match="a run may only change"):
+        P.load(path)
+    path = _write(tmp_path, lambda raw: raw["runs"]["baseline"].__setitem__("base", "t4-amp"))
+    with pytest.raises(P.ParamsError, match="cycle"):
+        P.load(path)
+    with pytest.raises(P.ParamsError, match="unknown key 'runs.basline'"):
+        P.resolve_run(P.load(ROOT / "params.yaml"), "basline")
+
+
+def test_imagenet_profile_matches_the_paper():
+    """configs/imagenet.yaml against ../shared/paper_tables.md (sections 2, 3 and 5)."""
+    params = P.load(ROOT / "configs" / "imagenet.yaml")
+    aug, train, model = params["augment"], params["train"], params["model"]
+    assert aug["crop_area"] == [0.08, 1.0]
+    assert aug["crop_ratio"] == pytest.approx([3 / 4, 4 / 3])
+    assert aug["flip"] is True
+    assert [aug["brightness"], aug["contrast"], aug["saturation"]] == [0.4, 0.4, 0.4]
+    assert aug["lighting_std"] == 0.1
+    assert aug["mean"] == [123.68, 116.779, 103.939] and aug["std"] == [58.393, 57.12, 57.375]
+    assert params["loader"]["res"] == 224 and params["loader"]["val_res"] == 224
+    assert params["loader"]["val_res"] / params["loader"]["val_crop_ratio"] == pytest.approx(256)
+    assert (model["arch"], model["depth"], model["variant"], model["width"], model["init"]) == \
+        ("resnet", 50, "A", 1.0, "xavier")
+    assert (train["epochs"], train["batch_size"], train["base_lr"], train["base_batch"]) == (120, 256, 0.1, 256)
+    assert train["step_milestones"] == [30, 60, 90] and train["step_gamma"] == 0.1
+    assert (train["momentum"], train["nesterov"], train["weight_decay"]) == (0.9, True, 1e-4)
+    assert train["schedule"] == "step" and train["precision"] == "fp32"
+
+    efficient = P.resolve_run(params, "efficient")["train"]
+    assert efficient["batch_size"] == 1024 and efficient["linear_scaling"] is True
+    assert efficient["base_lr"] * efficient["batch_size"] / efficient["base_batch"] == pytest.approx(0.4)
+    assert efficient["warmup_epochs"] == 5 and efficient["no_bias_decay"] and efficient["precision"] == "amp"
+    assert P.resolve_run(params, "efficient")["model"]["zero_gamma"] is True
+
+    mixup = P.resolve_run(params, "t6-mixup")["train"]
+    assert (mixup["mixup_alpha"], mixup["epochs"], mixup["label_smoothing"]) == (0.2, 200, 0.1)
+    assert mixup["schedule"] == "cosine"
+    teacher = P.resolve_run(params, params["teacher"]["run"])
+    assert (teacher["model"]["depth"], teacher["model"]["variant"]) == (152, "D")
+    assert teacher["train"]["schedule"] == "cosine" and teacher["train"]["label_smoothing"] == 0.1
+    assert params["distill"]["temperature"] == 20
