@@ -11,10 +11,10 @@ PROFILE ?= params.yaml
 .PHONY: run test setup system-packages clean-runs
 
 run: setup
-	$(VENV)/bin/snakemake --cores all --config params_file=$(PROFILE)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/snakemake --cores all --config params_file=$(PROFILE)
 
 test: setup
-	$(PY) -m pytest -q tests
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests
 
 setup: system-packages $(STAMP) .dvc/config
 

@@ -1,0 +1,30 @@
+# Data: the embedded synthetic datasets (only when no real data is configured), then FFCV betons.
+
+
+rule synthetic:
+    output:
+        f"{DATA}/synthetic/manifest.json",
+    params:
+        synthetic=config["synthetic"],
+    shell:
+        f"{PY}.synthetic {ARGS}"
+
+
+def imagenet_input(wildcards):
+    """The embedded data is an input only when data.imagenet_dir is null."""
+    return [] if config["data"]["imagenet_dir"] else rules.synthetic.output
+
+
+rule prepare:
+    input:
+        imagenet_input,
+    output:
+        train=f"{DATA}/betons/train.beton",
+        val=f"{DATA}/betons/val.beton",
+        classes=f"{DATA}/betons/classes.json",
+        manifest=f"{DATA}/betons/manifest.json",
+    params:
+        data=config["data"],
+        prepare=config["prepare"],
+    shell:
+        f"{PY}.prepare {ARGS}"
