@@ -1,22 +1,41 @@
-# The stage graph. params.yaml (or --config params_file=configs/imagenet.yaml) is the config,
+# The stage graph. params.yaml (or `--config params_file=configs/imagenet.yaml`) is the config,
 # validated by pipeline_src.params; each rule is a thin call of `python -m pipeline_src.<stage>`.
 #
-#   synthetic -> prepare -> train[run, seed] (teacher first for distill runs) -> report
-#                                       \-> transfer_detection / transfer_segmentation -> report
+#   synthetic -> prepare -> train[run, seed] ----------------------------------> report
+#                              teacher -> train[distilled student, seed] ------/
+#   `snakemake ablations` adds the single-trick and leave-one-out runs (and re-renders the report).
 from pipeline_src import params as P
 
 PARAMS_FILE = config.get("params_file", "params.yaml")
 config.update(P.load(PARAMS_FILE))
-DATA = config["paths"]["data"]
-RUNS = config["paths"]["runs"]
-REPORTS = config["paths"]["reports"]
+DATA, RUNS, REPORTS = config["paths"]["data"], config["paths"]["runs"], config["paths"]["reports"]
 PY = "python -m pipeline_src"
 ARGS = f"--params {PARAMS_FILE}"
+SEEDS = config["study"]["seeds"]
+TEACHER = config["teacher"]["run"]
+TABLE_RUNS = config["study"]["tables"]
+DISTILLED = config["study"]["distilled"]
+ABLATION_RUNS = [r for r in P.all_run_names(config) if r.startswith(("single-", "loo-"))]
+
+
+def run_metrics(runs):
+    return expand(f"{RUNS}/{{run}}/seed{{seed}}/metrics.json", run=runs, seed=SEEDS)
+
 
 include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     default_target: True
     input:
-        rules.prepare.output,
+        f"{REPORTS}/report.md",
+
+
+rule ablations:
+    input:
+        run_metrics(ABLATION_RUNS),
+        f"{REPORTS}/report.md",
+    shell:
+        f"{PY}.report {ARGS}"

@@ -183,6 +183,12 @@ SCHEMA: dict[str, Any] = {
         "run": _str(),
         "checkpoint": _str(nullable=True),
     },
+    "sanity": {
+        "overfit_steps": _int(1),
+        "overfit_loss": _float(0.0),
+        "lr_range": _list(_float(1e-12), length=2, check=_ordered_pair),
+        "lr_range_steps": _int(5),
+    },
     "tracking": {
         "uri": _str(nullable=True),
         "experiment": _str(),
@@ -192,6 +198,7 @@ SCHEMA: dict[str, Any] = {
     "study": {
         "seeds": _list(_int(0)),
         "tables": _list(_str()),
+        "distilled": _list(_str()),
         "single_trick": {"base": _str(), "tricks": _list(_str())},
         "leave_one_out": {"stack": _str(), "tricks": _list(_str())},
     },
@@ -322,11 +329,21 @@ def _check_references(params: dict, src: str) -> None:
         for trick in study[key]["tricks"]:
             if trick not in tricks:
                 raise _unknown(trick, list(tricks), ("study", key, "tricks"), src)
-    for ref in (study["single_trick"]["base"], study["leave_one_out"]["stack"], params["teacher"]["run"]):
+    for ref in (study["single_trick"]["base"], study["leave_one_out"]["stack"], params["teacher"]["run"],
+                *study["tables"], *study["distilled"]):
         if ref not in runs:
             raise ParamsError(f"{src}: run '{ref}' named in study/teacher is not in 'runs'")
     for name in runs:
         _lineage(runs, name, src)
+    for key in ("tables", "distilled"):
+        for name in study[key]:
+            distills = "distill" in run_recipe({**params, "_source": src}, name)[0]
+            if distills != (key == "distilled"):
+                raise ParamsError(
+                    f"{src}: key 'study.{key}' lists run '{name}', which "
+                    f"{'does not use' if key == 'distilled' else 'uses'} the distill trick; runs that "
+                    "distill go in study.distilled (they wait for the teacher), the others in study.tables"
+                )
 
 
 def _lineage(runs: dict, name: str, src: str) -> list[str]:

@@ -1,0 +1,147 @@
+"""Practitioners' sanity checks before a long run.
+
+    python -m pipeline_src.sanity overfit  [--run NAME]   # one batch to near-zero loss, else exit 1
+    python -m pipeline_src.sanity lr-range [--run NAME]   # LR range test: plot + suggested LR
+
+A model that cannot memorise one batch has a bug (wrong labels, frozen layers, broken loss); the LR
+range test (Smith 2017) sweeps the LR exponentially and suggests one a little below the divergence.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline_src import params as P
+from pipeline_src.io import atomic_path, write_json
+from pipeline_src.loader import make_train_loader
+from pipeline_src.models import build_model
+from pipeline_src.tricks.label_smoothing import smooth_targets, soft_target_cross_entropy
+from pipeline_src.tricks.no_bias_decay import param_groups
+
+
+def _setup(cfg: dict, seed: int) -> tuple[torch.nn.Module, object, int]:
+    torch.manual_seed(seed)
+    betons = Path(cfg["paths"]["data"]) / "betons"
+    classes_file = betons / "classes.json"
+    if not classes_file.is_file():
+        raise SystemExit(f"{classes_file} not found: run the prepare stage first")
+    classes = json.loads(classes_file.read_text())
+    num_classes = len(classes["wnids"] if isinstance(classes, dict) else classes)
+    model = build_model(cfg["model"], num_classes)
+    loader = make_train_loader(betons / "train.beton", cfg, cfg["train"]["batch_size"], seed,
+                               torch.device("cpu"))
+    return model, loader, num_classes
+
+
+def _optimizer(model: torch.nn.Module, cfg: dict, lr: float) -> torch.optim.Optimizer:
+    train = cfg["train"]
+    return torch.optim.SGD(param_groups(model, train["weight_decay"], train["no_bias_decay"]), lr=lr,
+                           momentum=train["momentum"], nesterov=train["nesterov"])
+
+
+def overfit(cfg: dict, seed: int) -> tuple[bool, list[float]]:
+    """Train on one fixed batch (no label smoothing: the target is zero loss)."""
+    model, loader, num_classes = _setup(cfg, seed)
+    images, labels = next(iter(loader))
+    targets = smooth_targets(labels, num_classes, 0.0)
+    optimizer = _optimizer(model, cfg, cfg["train"]["base_lr"])
+    model.train()
+    losses = []
+    for _ in range(cfg["sanity"]["overfit_steps"]):
+        loss = soft_target_cross_entropy(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if loss.item() <= cfg["sanity"]["overfit_loss"]:
+            return True, losses
+    return False, losses
+
+
+def lr_range(cfg: dict, seed: int) -> dict:
+    """Exponential LR sweep over successive batches; stops once the smoothed loss explodes."""
+    model, loader, num_classes = _setup(cfg, seed)
+    low, high = cfg["sanity"]["lr_range"]
+    steps = cfg["sanity"]["lr_range_steps"]
+    optimizer = _optimizer(model, cfg, low)
+    eps = cfg["train"]["label_smoothing"]
+    model.train()
+    lrs, losses, smooth, best = [], [], None, math.inf
+    batches = iter(())
+    for step in range(steps):
+        try:
+            images, labels = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            images, labels = next(batches)
+        lr = low * (high / low) ** (step / (steps - 1))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = soft_target_cross_entropy(model(images), smooth_targets(labels, num_classes, eps))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        smooth = loss.item() if smooth is None else 0.9 * smooth + 0.1 * loss.item()
+        lrs.append(lr)
+        losses.append(smooth)
+        best = min(best, smooth)
+        if not math.isfinite(smooth) or smooth > 4 * best:
+            break
+    # Suggest the LR of the steepest descent of the smoothed loss (a common, robust choice).
+    slopes = [(losses[i + 1] - losses[i]) / (math.log(lrs[i + 1]) - math.log(lrs[i])) for i in range(len(lrs) - 1)]
+    steepest = min(range(len(slopes)), key=slopes.__getitem__) if slopes else 0
+    return {"lrs": lrs, "losses": losses, "suggested_lr": lrs[steepest], "min_loss_lr": lrs[losses.index(best)]}
+
+
+def plot_lr_range(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(result["lrs"], result["losses"])
+    ax.axvline(result["suggested_lr"], color="r", linestyle="--", label=f"suggested {result['suggested_lr']:.3g}")
+    ax.set(xscale="log", xlabel="learning rate", ylabel="smoothed train loss", title="LR range test")
+    ax.legend()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("check", choices=["overfit", "lr-range"])
+    parser.add_argument("--run", default="baseline", help="the run whose model and optimizer to check")
+    parser.add_argument("--seed", type=int, default=0)
+    P.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = P.resolve_run(P.from_args(args), args.run)
+    except P.ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.check == "overfit":
+        ok, losses = overfit(cfg, args.seed)
+        verdict = "reached" if ok else "did NOT reach"
+        print(json.dumps({"run": args.run, "steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
+                          "target": cfg["sanity"]["overfit_loss"], "passed": ok}))
+        print(f"overfit one batch: {verdict} loss {cfg['sanity']['overfit_loss']} in {len(losses)} steps",
+              file=sys.stderr)
+        return 0 if ok else 1
+    result = lr_range(cfg, args.seed)
+    out = Path(cfg["paths"]["reports"]) / "sanity" / f"lr_range_{args.run}"
+    plot_lr_range(result, out.with_suffix(".png"))
+    write_json(out.with_suffix(".json"), result)
+    print(json.dumps({"run": args.run, "suggested_lr": result["suggested_lr"],
+                      "min_loss_lr": result["min_loss_lr"], "plot": str(out.with_suffix(".png"))}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""Stage: train one named run of params.yaml for one seed.
+
+    python -m pipeline_src.train --run baseline --seed 0 [--params FILE] [--set key=value ...]
+    torchrun --nproc_per_node 2 -m pipeline_src.train --run efficient      # DDP (NCCL / gloo)
+
+The loop below is the paper's recipe with every trick a switch: linear scaling, warmup, zero gamma,
+no bias decay, mixed precision, step / cosine decay, label smoothing, mixup and distillation.
+Outputs: data/runs/<run>/seed<k>/{last.pt, model.pt, history.json, metrics.json}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline_src import checkpoint, params as P, tracking
+from pipeline_src.io import write_json
+from pipeline_src.loader import make_train_loader, make_val_loader
+from pipeline_src.models import build_model
+from pipeline_src.tricks.distillation import distillation_loss
+from pipeline_src.tricks.label_smoothing import smooth_targets, soft_target_cross_entropy
+from pipeline_src.tricks.linear_scaling import scaled_lr
+from pipeline_src.tricks.lr_schedule import build_scheduler
+from pipeline_src.tricks.mixed_precision import autocast_context, make_grad_scaler
+from pipeline_src.tricks.mixup import mixup
+from pipeline_src.tricks.no_bias_decay import param_groups
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training diverged; the last good checkpoint is kept for inspection or a restart."""
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def run_dir(params: dict, run: str, seed: int) -> Path:
+    return Path(params["paths"]["runs"]) / run / f"seed{seed}"
+
+
+def betons_dir(params: dict) -> Path:
+    return Path(params["paths"]["data"]) / "betons"
+
+
+def is_finished(out: Path) -> bool:
+    return (out / "metrics.json").is_file() and (out / "model.pt").is_file()
+
+
+def setup_distributed(device_kind: str) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    backend = "nccl" if device_kind == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("loader.device is 'cuda' but no CUDA device is visible; set loader.device=cpu or auto")
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def read_classes(params: dict) -> list[str]:
+    path = betons_dir(params) / "classes.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: run the prepare stage first (python -m pipeline_src.prepare)")
+    data = json.loads(path.read_text())
+    return data["wnids"] if isinstance(data, dict) else data
+
+
+def load_teacher(params: dict, seed: int, num_classes: int, device: torch.device) -> nn.Module:
+    """The frozen teacher: `teacher.checkpoint` if set, else the teacher run of the same seed."""
+    path = params["teacher"]["checkpoint"]
+    path = Path(path) if path else run_dir(params, params["teacher"]["run"], seed) / "model.pt"
+    state, meta = checkpoint.load_model_weights(path)
+    teacher_cfg = P.resolve_run(params, params["teacher"]["run"])["model"]
+    if meta.get("model") and meta["model"]["arch"] != teacher_cfg["arch"]:
+        raise SystemExit(f"{path}: teacher arch {meta['model']['arch']} != params {teacher_cfg['arch']}")
+    teacher = build_model({**teacher_cfg, **meta.get("model", {}), "zero_gamma": False}, num_classes)
+    try:
+        teacher.load_state_dict(state)
+    except RuntimeError as exc:
+        raise SystemExit(
+            f"{path}: does not fit the teacher architecture {teacher_cfg} with {num_classes} classes "
+            f"(check teacher.run / teacher.checkpoint and the class count): {str(exc).splitlines()[0]}"
+        ) from exc
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def build_optimizer(model: nn.Module, cfg: dict, lr: float) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg["weight_decay"], cfg["no_bias_decay"])
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg["momentum"], nesterov=cfg["nesterov"])
+
+
+def train_one_epoch(model, teacher, loader, optimizer, scheduler, scaler, cfg: dict, device,
+                    num_classes: int, mix_gen: torch.Generator, epoch: int, ckpt: Path) -> tuple[dict, list]:
+    """One pass over the train beton; also samples the LR ~20 times for the schedule plot."""
+    train, distill = cfg["train"], cfg["distill"]
+    model.train()
+    seen, loss_sum, start = 0, 0.0, time.perf_counter()
+    iters = len(loader)
+    lr_points = []
+    for step, (images, labels) in enumerate(loader):
+        if step % max(1, iters // 20) == 0:
+            lr_points.append([epoch + step / iters, optimizer.param_groups[0]["lr"]])
+        if train["channels_last"]:
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = smooth_targets(labels, num_classes, train["label_smoothing"])
+        if train["mixup_alpha"] > 0:
+            images, targets, _ = mixup(images, targets, train["mixup_alpha"], mix_gen)
+        with autocast_context(device, train["precision"]):
+            logits = model(images)
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(images)
+                loss = distillation_loss(logits, teacher_logits, targets, distill["temperature"], distill["weight"])
+            else:
+                loss = soft_target_cross_entropy(logits, targets)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(
+                f"loss is {loss.item()} at epoch {epoch} step {step}; the last good checkpoint is "
+                f"{ckpt if ckpt.is_file() else '(none yet)'}; lower train.base_lr or add warmup"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        seen += images.shape[0]
+        loss_sum += loss.item() * images.shape[0]
+    elapsed = time.perf_counter() - start
+    return {"train_loss": loss_sum / max(seen, 1), "images_per_s": seen / elapsed}, lr_points
+
+
+@torch.no_grad()
+def evaluate(model, loader, cfg: dict, device, num_classes: int, keep_gaps: bool = False) -> dict:
+    """Top-1 / top-5 / loss on the val beton; optionally the logit gaps of the paper's Figure 4."""
+    model.eval()
+    correct1 = correct5 = seen = 0
+    loss_sum = 0.0
+    gaps: list[float] = []
+    for images, labels in loader:
+        if cfg["train"]["channels_last"]:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast_context(device, cfg["train"]["precision"]):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        top = logits.topk(min(5, num_classes), dim=1).indices
+        correct1 += (top[:, 0] == labels).sum().item()
+        correct5 += (top == labels[:, None]).any(dim=1).sum().item()
+        seen += labels.numel()
+        if keep_gaps:
+            best = logits.max(dim=1).values
+            rest = (logits.sum(dim=1) - best) / (num_classes - 1)
+            gaps += (best - rest).tolist()
+    totals = torch.tensor([correct1, correct5, seen, loss_sum], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    correct1, correct5, seen, loss_sum = totals.tolist()
+    out = {"top1": 100 * correct1 / seen, "top5": 100 * correct5 / seen, "val_loss": loss_sum / seen}
+    if keep_gaps:
+        out["logit_gaps"] = gaps
+    return out
+
+
+def train(cfg: dict, run: str, seed: int) -> dict | None:
+    """Train (or resume, or skip) one run; returns its final metrics on rank 0."""
+    out = run_dir(cfg, run, seed)
+    if is_finished(out):
+        print(f"{out}: already finished, skipping (delete it to re-train)")
+        return json.loads((out / "metrics.json").read_text())
+    train_cfg = cfg["train"]
+    ddp = setup_distributed("cuda" if cfg["loader"]["device"] != "cpu" and torch.cuda.is_available() else "cpu")
+    device = pick_device(cfg["loader"]["device"], ddp.local_rank)
+    if train_cfg["batch_size"] % ddp.world:
+        raise SystemExit(f"train.batch_size {train_cfg['batch_size']} is not divisible by {ddp.world} processes")
+    torch.manual_seed(seed)
+    wnids = read_classes(cfg)
+    num_classes = len(wnids)
+
+    model = build_model(cfg["model"], num_classes)
+    if train_cfg["sync_bn"] and ddp.world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if train_cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    teacher = load_teacher(cfg, seed, num_classes, device) if train_cfg["distill"] else None
+
+    local_batch = train_cfg["batch_size"] // ddp.world
+    betons = betons_dir(cfg)
+    train_loader = make_train_loader(betons / "train.beton", cfg, local_batch, seed, device, ddp.world > 1)
+    val_loader = make_val_loader(betons / "val.beton", cfg, local_batch, device, ddp.world > 1)
+    iters = len(train_loader)
+    lr = scaled_lr(train_cfg["base_lr"], train_cfg["batch_size"], train_cfg["base_batch"], train_cfg["linear_scaling"])
+    optimizer = build_optimizer(model, train_cfg, lr)
+    scheduler = build_scheduler(
+        optimizer, base_lr=lr, iters_per_epoch=iters, epochs=train_cfg["epochs"],
+        warmup_epochs=train_cfg["warmup_epochs"], schedule=train_cfg["schedule"],
+        milestones=train_cfg["step_milestones"], gamma=train_cfg["step_gamma"],
+    )
+    scaler = make_grad_scaler(device, train_cfg["precision"])
+    mix_gen = torch.Generator().manual_seed(seed)
+
+    ckpt = out / "last.pt"
+    history: list[dict] = []
+    lr_curve: list[list[float]] = []
+    start_epoch = 0
+    if ckpt.is_file():
+        state = checkpoint.load_checkpoint(ckpt)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        checkpoint.restore_rng_state(state["rng"], {"mixup": mix_gen})
+        history, lr_curve = json.loads(state["history"]), json.loads(state["lr_curve"])
+        start_epoch = state["epoch"] + 1
+        if ddp.main:
+            print(f"{ckpt}: resuming at epoch {start_epoch}")
+
+    net = model if ddp.world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    compiled = torch.compile(net) if train_cfg["compile"] else net
+    tags = {"run": run, "seed": str(seed), "profile": cfg["profile"]["name"], **beton_tags(betons)}
+    tracker = tracking.start_run(cfg, run, seed, tags, enabled=ddp.main)
+    with tracker:
+        for epoch in range(start_epoch, train_cfg["epochs"]):
+            train_loader.set_epoch(epoch)
+            lr_now = optimizer.param_groups[0]["lr"]
+            epoch_start = time.perf_counter()
+            stats, lr_points = train_one_epoch(compiled, teacher, train_loader, optimizer, scheduler, scaler, cfg,
+                                    device, num_classes, mix_gen, epoch, ckpt)
+            last = epoch == train_cfg["epochs"] - 1
+            if last or (epoch + 1) % train_cfg["eval_every"] == 0:
+                stats.update(evaluate(model, val_loader, cfg, device, num_classes))
+            stats.update(epoch=epoch, lr=lr_now, images_per_s=stats["images_per_s"] * ddp.world,
+                         epoch_time_s=time.perf_counter() - epoch_start)
+            history.append(stats)
+            lr_curve += lr_points
+            tracker.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch)
+            if ddp.main:
+                print(json.dumps({"run": run, "seed": seed, **stats}), flush=True)
+                checkpoint.save_checkpoint(ckpt, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "rng": checkpoint.capture_rng_state({"mixup": mix_gen}),
+                    "epoch": epoch, "history": json.dumps(history), "lr_curve": json.dumps(lr_curve),
+                })
+        final = evaluate(model, val_loader, cfg, device, num_classes, keep_gaps=True)
+        if not ddp.main:
+            return None
+        metrics = {
+            "top1": final["top1"], "top5": final["top5"], "val_loss": final["val_loss"],
+            "train_loss": history[-1]["train_loss"],
+            "images_per_s": sum(h["images_per_s"] for h in history) / len(history),
+            "wall_time_s": sum(h["epoch_time_s"] for h in history),
+        }
+        checkpoint.save_final_model(out / "model.pt", model.state_dict(), {
+            "run": run, "seed": seed, "model": cfg["model"], "num_classes": num_classes, "wnids": wnids,
+        })
+        write_json(out / "history.json", {"run": run, "seed": seed, "tricks": cfg["run"]["tricks"],
+                                          "epochs": history, "lr_curve": lr_curve,
+                                          "logit_gaps": final["logit_gaps"],
+                                          "label_smoothing": train_cfg["label_smoothing"]})
+        write_json(out / "metrics.json", metrics)
+        tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=train_cfg["epochs"])
+        tracker.log_artifact(out / "history.json")
+    return metrics
+
+
+def beton_tags(betons: Path) -> dict:
+    manifest = betons / "manifest.json"
+    if not manifest.is_file():
+        return {}
+    data = json.loads(manifest.read_text())
+    return {f"sha256_{k}": v for k, v in data.get("sha256", {}).items()}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="a run name from params.yaml (runs, single-*, loo-*)")
+    parser.add_argument("--seed", type=int, default=None, help="default: the first of study.seeds")
+    P.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        params = P.from_args(args)
+        cfg = P.resolve_run(params, args.run)
+    except P.ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    seed = params["study"]["seeds"][0] if args.seed is None else args.seed
+    try:
+        train(cfg, args.run, seed)
+    except NonFiniteLoss as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

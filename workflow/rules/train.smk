@@ -1,0 +1,38 @@
+# Training: one job per (run, seed); students of the distillation wait for the teacher's weights.
+import json
+
+
+def run_recipe(wildcards):
+    """The run's fully resolved settings: a change re-runs exactly the runs it touches."""
+    resolved = P.resolve_run(config, wildcards.run)
+    return json.dumps({k: resolved[k] for k in P.RUN_SECTIONS}, sort_keys=True)
+
+
+def teacher_input(wildcards):
+    if "distill" not in P.resolve_run(config, wildcards.run)["run"]["tricks"]:
+        return []
+    if config["teacher"]["checkpoint"]:
+        return [config["teacher"]["checkpoint"]]
+    return [f"{RUNS}/{config['teacher']['run']}/seed{wildcards.seed}/model.pt"]
+
+
+rule train:
+    input:
+        rules.prepare.output.train,
+        rules.prepare.output.val,
+        rules.prepare.output.classes,
+        teacher_input,
+    output:
+        model=f"{RUNS}/{{run}}/seed{{seed}}/model.pt",
+        history=f"{RUNS}/{{run}}/seed{{seed}}/history.json",
+        metrics=f"{RUNS}/{{run}}/seed{{seed}}/metrics.json",
+    params:
+        recipe=run_recipe,
+    wildcard_constraints:
+        run="[A-Za-z0-9_.-]+",
+        seed=r"\d+",
+    resources:
+        gpu=1,
+    threads: workflow.cores
+    shell:
+        f"{PY}.train {ARGS} --run {{wildcards.run}} --seed {{wildcards.seed}}"
