@@ -24,6 +24,7 @@ def run_metrics(runs):
 
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/distill.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -3,7 +3,7 @@
 
 rule report:
     input:
-        run_metrics(TABLE_RUNS + DISTILLED + ([] if config["teacher"]["checkpoint"] else [TEACHER])),
+        run_metrics(TABLE_RUNS + DISTILLED + [TEACHER]),
     output:
         md=f"{REPORTS}/report.md",
         html=f"{REPORTS}/report.html",

@@ -2,18 +2,16 @@
 import json
 
 
-def run_recipe(wildcards):
+def run_recipe(run):
     """The run's fully resolved settings: a change re-runs exactly the runs it touches."""
-    resolved = P.resolve_run(config, wildcards.run)
+    resolved = P.resolve_run(config, run)
     return json.dumps({k: resolved[k] for k in P.RUN_SECTIONS}, sort_keys=True)
 
 
 def teacher_input(wildcards):
     if "distill" not in P.resolve_run(config, wildcards.run)["run"]["tricks"]:
         return []
-    if config["teacher"]["checkpoint"]:
-        return [config["teacher"]["checkpoint"]]
-    return [f"{RUNS}/{config['teacher']['run']}/seed{wildcards.seed}/model.pt"]
+    return [f"{RUNS}/{TEACHER}/seed{wildcards.seed}/model.pt"]
 
 
 rule train:
@@ -27,7 +25,7 @@ rule train:
         history=f"{RUNS}/{{run}}/seed{{seed}}/history.json",
         metrics=f"{RUNS}/{{run}}/seed{{seed}}/metrics.json",
     params:
-        recipe=run_recipe,
+        recipe=lambda wildcards: run_recipe(wildcards.run),
     wildcard_constraints:
         run="[A-Za-z0-9_.-]+",
         seed=r"\d+",

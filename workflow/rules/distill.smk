@@ -1,0 +1,25 @@
+# Distillation: the teacher is its own stage (trained, or imported from teacher.checkpoint and
+# measured); the students' train jobs depend on its weights, so a new teacher re-runs only them.
+
+
+rule teacher:
+    input:
+        rules.prepare.output.train,
+        rules.prepare.output.val,
+        rules.prepare.output.classes,
+        ([config["teacher"]["checkpoint"]] if config["teacher"]["checkpoint"] else []),
+    output:
+        model=f"{RUNS}/{TEACHER}/seed{{seed}}/model.pt",
+        history=f"{RUNS}/{TEACHER}/seed{{seed}}/history.json",
+        metrics=f"{RUNS}/{TEACHER}/seed{{seed}}/metrics.json",
+    params:
+        recipe=run_recipe(TEACHER),
+        teacher=config["teacher"],
+    resources:
+        gpu=1,
+    threads: workflow.cores
+    shell:
+        f"{PY}.teacher {ARGS} --seed {{wildcards.seed}}"
+
+
+ruleorder: teacher > train
