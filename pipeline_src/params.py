@@ -97,7 +97,7 @@ SCHEMA: dict[str, Any] = {
     },
     "synthetic": {
         "seed": _int(0),
-        "classes": _int(2, 1000),
+        "classes": _int(2, 20),
         "train_per_class": _int(1),
         "val_per_class": _int(1),
         "min_size": _int(16),
@@ -192,6 +192,35 @@ SCHEMA: dict[str, Any] = {
     "tracking": {
         "uri": _str(nullable=True),
         "experiment": _str(),
+    },
+    "transfer": {
+        "backbones": _list(_str()),
+        "detection": {
+            "style": _str(["c4", "fpn"]),
+            "epochs": _int(1),
+            "batch_size": _int(1),
+            "lr": _float(0.0),
+            "lr_milestones": _list(_int(1), check=_increasing),
+            "momentum": _float(0.0, 1.0),
+            "weight_decay": _float(0.0),
+            "min_size": _int(16),
+            "max_size": _int(16),
+            "metric": _str(["voc07", "all_point"]),
+            "train_difficult": _bool(),
+            "allow_missing_voc2012": _bool(),
+        },
+        "segmentation": {
+            "epochs": _int(1),
+            "batch_size": _int(1),
+            "lr": _float(0.0),
+            "poly_power": _float(0.0),
+            "momentum": _float(0.0, 1.0),
+            "weight_decay": _float(0.0),
+            "base_size": _int(16),
+            "crop_size": _int(16),
+            "output_stride": _int(choices=(8, 16, 32)),
+            "aux_loss": _bool(),
+        },
     },
     "tricks": MapOf(Overrides()),
     "runs": MapOf(RUN_SCHEMA),
@@ -330,9 +359,9 @@ def _check_references(params: dict, src: str) -> None:
             if trick not in tricks:
                 raise _unknown(trick, list(tricks), ("study", key, "tricks"), src)
     for ref in (study["single_trick"]["base"], study["leave_one_out"]["stack"], params["teacher"]["run"],
-                *study["tables"], *study["distilled"]):
+                *study["tables"], *study["distilled"], *params["transfer"]["backbones"]):
         if ref not in runs:
-            raise ParamsError(f"{src}: run '{ref}' named in study/teacher is not in 'runs'")
+            raise ParamsError(f"{src}: run '{ref}' named in study/teacher/transfer is not in 'runs'")
     for name in runs:
         _lineage(runs, name, src)
     for key in ("tables", "distilled"):
