@@ -89,21 +89,16 @@ def read_classes(params: dict) -> list[str]:
 
 
 def load_teacher(params: dict, seed: int, num_classes: int, device: torch.device) -> nn.Module:
-    """The frozen teacher: `teacher.checkpoint` if set, else the teacher run of the same seed."""
-    path = params["teacher"]["checkpoint"]
-    path = Path(path) if path else run_dir(params, params["teacher"]["run"], seed) / "model.pt"
+    """The frozen teacher that the teacher stage left (trained or imported and already checked)."""
+    path = run_dir(params, params["teacher"]["run"], seed) / "model.pt"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: run the teacher stage first (python -m pipeline_src.teacher)")
     state, meta = checkpoint.load_model_weights(path)
-    teacher_cfg = P.resolve_run(params, params["teacher"]["run"])["model"]
-    if meta.get("model") and meta["model"]["arch"] != teacher_cfg["arch"]:
-        raise SystemExit(f"{path}: teacher arch {meta['model']['arch']} != params {teacher_cfg['arch']}")
-    teacher = build_model({**teacher_cfg, **meta.get("model", {}), "zero_gamma": False}, num_classes)
-    try:
-        teacher.load_state_dict(state)
-    except RuntimeError as exc:
-        raise SystemExit(
-            f"{path}: does not fit the teacher architecture {teacher_cfg} with {num_classes} classes "
-            f"(check teacher.run / teacher.checkpoint and the class count): {str(exc).splitlines()[0]}"
-        ) from exc
+    if meta["num_classes"] != num_classes:
+        raise SystemExit(f"{path}: teacher has {meta['num_classes']} classes, the betons {num_classes}; "
+                         "re-run the teacher stage on the current data")
+    teacher = build_model({**meta["model"], "zero_gamma": False}, num_classes)
+    teacher.load_state_dict(state)
     return teacher.to(device).eval().requires_grad_(False)
 
 

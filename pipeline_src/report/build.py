@@ -1,0 +1,254 @@
+"""Stage: the report, from what the runs wrote.
+
+    python -m pipeline_src.report [--params FILE] [--set key=value ...]
+
+Writes `<paths.reports>/report.md`, `<paths.reports>/report.html` (self-contained) and
+`<paths.reports>/figures/*.png`, atomically. Identical inputs give identical files (no timestamps).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline_src import params as P
+from pipeline_src.io import write_text
+from pipeline_src.report import plots, tables
+from pipeline_src.report.paper import (COMPARISON_TABLES, TRANSFER_TABLES, PaperNumbersError, load_paper_numbers,
+                                       runs_named)
+from pipeline_src.report.render import Block, Bullets, Figure, Heading, Para, Table, to_html, to_markdown
+from pipeline_src.report.results import ReportInputError, Results, read_json
+
+FIGURES = ("lr_schedule.png", "val_top1.png", "logit_gaps.png")
+MANIFEST_MAX_KEYS = 8  # a manifest mapping with more keys (e.g. per class counts) is shown as its size
+
+
+def read_num_classes(data_dir: Path) -> int | None:
+    """K from `<data>/betons/classes.json` (a list of wnids or {'wnids': [...]}); None when absent."""
+    path = data_dir / "betons" / "classes.json"
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    wnids = data.get("wnids") if isinstance(data, dict) else data
+    if not isinstance(wnids, list) or not wnids:
+        raise ReportInputError(f"{path}: expected a non-empty JSON list of wnids or an object with key 'wnids'")
+    return len(wnids)
+
+
+def _manifest_items(node: Any, prefix: str = "") -> list[str]:
+    """Scalar leaves as `key: value`; lists and large mappings summarised by their size."""
+    items = []
+    for key in sorted(node):
+        value, name = node[key], f"{prefix}{key}"
+        if isinstance(value, dict) and len(value) <= MANIFEST_MAX_KEYS:
+            items += _manifest_items(value, name + ".")
+        elif isinstance(value, dict):
+            items.append(f"`{name}`: {len(value)} entries")
+        elif isinstance(value, list):
+            items.append(f"`{name}`: {len(value)} items")
+        else:
+            items.append(f"`{name}`: {value}")
+    return items
+
+
+def header(params: dict, num_classes: int | None) -> list[Block]:
+    """Where the numbers came from, so a CPU run on synthetic data is never mistaken for ImageNet."""
+    prof, data_dir = params["profile"], Path(params["paths"]["data"])
+    imagenet = params["data"]["imagenet_dir"]
+    if imagenet is None:
+        source = ("the embedded synthetic stand-in for ImageNet (`pipeline_src.synthetic`, "
+                  f"{params['synthetic']['classes']} classes), NOT ImageNet: compare the direction of "
+                  "the deltas with the paper's, not the accuracies")
+    else:
+        source = f"ImageNet from `{imagenet}`"
+    sets = params["_sets"]
+    model, train = params["model"], params["train"]
+    items = [
+        f"Profile: `{prof['name']}`: {prof['description']}",
+        f"Params: `{params['_source']}`" + (f" with --set {', '.join(sets)}" if sets else ""),
+        f"Data: {source}",
+        f"Classes: {num_classes} (from `{data_dir / 'betons' / 'classes.json'}`)" if num_classes is not None
+        else f"Classes: unknown, `{data_dir / 'betons' / 'classes.json'}` not found (the prepare stage has not run here)",
+        f"Seeds: {', '.join(map(str, params['study']['seeds']))}",
+        f"Shared settings (runs change some through their tricks): {model['arch']}-{model['depth']} "
+        f"variant {model['variant']}, width {model['width']}, {train['epochs']} epochs, batch "
+        f"{train['batch_size']}, base LR {train['base_lr']}, train crop {params['loader']['res']} px",
+    ]
+    manifest = data_dir / "betons" / "manifest.json"
+    blocks: list[Block] = [Heading(1, "Bag of Tricks re-run: report"), Bullets(tuple(items))]
+    if manifest.is_file():
+        data = read_json(manifest)
+        if not isinstance(data, dict):
+            raise ReportInputError(f"{manifest}: expected a JSON object; re-run the prepare stage")
+        blocks += [Para(f"Data manifest `{manifest}`:"), Bullets(tuple(_manifest_items(data)))]
+    else:
+        blocks.append(Para(f"Data manifest `{manifest}`: not found (the prepare stage has not run here)."))
+    return blocks
+
+
+def status(names: list[str], results: Results) -> Para:
+    done = [n for n in names if results.run(n).finished and not results.run(n).missing_seeds]
+    partial = [n for n in names if results.run(n).finished and results.run(n).missing_seeds]
+    missing = [n for n in names if not results.run(n).finished]
+    text = f"Runs: {len(done)} of {len(names)} finished for every seed"
+    if partial:
+        text += f", {len(partial)} for some seeds"
+    if missing:
+        text += f"; no finished seed yet: {', '.join(f'`{n}`' for n in missing)}"
+    return Para(text + ".")
+
+
+def _first_with(histories: dict[int, dict], key: str) -> dict | None:
+    return next((h for _, h in sorted(histories.items()) if key in h), None)
+
+
+def _names(runs: list[str]) -> str:
+    return ", ".join(f"`{n}`" for n in runs)
+
+
+def lr_figure(histories: dict[str, dict[int, dict]], path: Path) -> list[Block]:
+    """Figure 3 (top): every distinct LR schedule, with the runs that share it."""
+    curves, no_curve = {}, []
+    for name, hs in histories.items():
+        if hs:
+            h = _first_with(hs, "lr_curve")
+            if h is None:
+                no_curve.append(name)
+            else:
+                curves[name] = h["lr_curve"]
+    blocks: list[Block] = [Heading(3, "Figure 3 (top): learning-rate schedules")]
+    if curves:
+        groups = plots.lr_schedule(curves, path)
+        blocks += [Figure(path, f"figures/{path.name}",
+                          "Learning rate against epoch (lr_curve of history.json, first finished seed)"),
+                   Table(("curve", "runs with this schedule"),
+                         tuple((str(i), _names(g)) for i, g in enumerate(groups, 1)))]
+    else:
+        blocks.append(Para("Not drawn: no finished run has an `lr_curve` in its history.json."))
+    if no_curve:
+        blocks.append(Para(f"Runs whose history.json has no `lr_curve` (not drawn): {_names(no_curve)}."))
+    return blocks
+
+
+def val_figure(params: dict, paper: dict, histories: dict[str, dict[int, dict]], path: Path) -> list[Block]:
+    """Figure 3 (bottom): validation top-1 per epoch, one panel per table column and ranking."""
+    panels = [(f"{paper['tables'][t]['cite']}, {col['label']}", [r["run"] for r in col["rows"] if r["run"]])
+              for t in COMPARISON_TABLES for col in paper["tables"][t]["columns"]
+              if any(r["run"] for r in col["rows"])]
+    single, loo = params["study"]["single_trick"], params["study"]["leave_one_out"]
+    panels.append(("Single tricks", [single["base"]] + [f"single-{t}" for t in single["tricks"]]))
+    panels.append(("Leave one out", [loo["stack"]] + [f"loo-{t}" for t in loo["tricks"]]))
+    series = {n: plots.mean_top1_curve(histories[n]) for _, runs in panels for n in runs}
+    blocks: list[Block] = [Heading(3, "Figure 3 (bottom): validation top-1 per epoch")]
+    if plots.val_top1(panels, series, path):
+        blocks.append(Figure(path, f"figures/{path.name}",
+                             "Validation top-1 per epoch, mean over the seeds with a history.json"))
+    else:
+        blocks.append(Para("Not drawn: no run of the tables has a history.json with validation accuracy."))
+    return blocks
+
+
+def gap_figure(fig4: dict, histories: dict[str, dict[int, dict]], num_classes: int | None,
+               path: Path) -> list[Block]:
+    """Figure 4: logit gaps without vs with label smoothing, and the optimum gap when K and eps are known."""
+    blocks: list[Block] = [Heading(3, f"{fig4['cite']}: {fig4['title']}")]
+    gaps = {role: [g for _, h in sorted(histories[fig4[role]].items()) for g in h.get("logit_gaps", [])]
+            for role in ("without", "with")}
+    lacking = [fig4[role] for role in ("without", "with") if not gaps[role]]
+    if lacking:
+        return blocks + [Para(f"Not drawn: no logit gaps (history.json) for {_names(lacking)}.")]
+    smoothed = _first_with(histories[fig4["with"]], "label_smoothing")
+    eps = None if smoothed is None else float(smoothed["label_smoothing"])
+    usable = num_classes is not None and eps is not None and 0 < eps < 1
+    optimum = plots.optimal_gap(num_classes, eps) if usable else None
+    plots.logit_gaps((fig4["without"], gaps["without"]), (fig4["with"], gaps["with"]), eps, optimum, path)
+    blocks.append(Figure(path, f"figures/{path.name}",
+                         f"Logit gaps of `{fig4['without']}` vs `{fig4['with']}` (all finished seeds)"))
+    if num_classes is None:
+        blocks.append(Para("The optimum-gap line is not drawn: the number of classes is unknown "
+                           "(`classes.json` not found)."))
+    elif eps is None:
+        blocks.append(Para(f"The optimum-gap line is not drawn: the history.json of `{fig4['with']}` has no "
+                           "`label_smoothing`."))
+    elif not usable:
+        blocks.append(Para(f"The optimum-gap line is not drawn: `{fig4['with']}` has label_smoothing {eps:g}."))
+    else:
+        blocks.append(Para(f"Dashed line: the optimal gap log((K-1)(1-eps)/eps) = "
+                           f"{optimum:.2f} for K = {num_classes}, eps = {eps:g}."))
+    return blocks
+
+
+def figures(params: dict, paper: dict, results: Results, names: list[str], num_classes: int | None,
+            out_dir: Path) -> list[Block]:
+    """Figures 3 and 4 from the runs' histories; what could not be drawn is said, not hidden."""
+    fig_dir = out_dir / "figures"
+    histories = {n: results.histories(n) for n in names}
+    blocks: list[Block] = [Heading(2, "Figures")]
+    blocks += lr_figure(histories, fig_dir / FIGURES[0])
+    blocks += val_figure(params, paper, histories, fig_dir / FIGURES[1])
+    blocks += gap_figure(paper["figures"]["figure4"], histories, num_classes, fig_dir / FIGURES[2])
+    made = {b.path.name for b in blocks if isinstance(b, Figure)}
+    for name in FIGURES:  # a figure not drawn this time must not linger from an earlier report
+        if name not in made:
+            (fig_dir / name).unlink(missing_ok=True)
+    return blocks
+
+
+def notes(paper: dict) -> list[Block]:
+    return [Heading(2, "Notes"), Bullets((
+        f"{tables.DAGGER} {paper['unverified_note']}",
+        "Ours: mean over the finished seeds ± sample standard deviation (2+ seeds) [95 % Student t "
+        "interval of the mean] (3+ seeds).",
+        f"Δ: a row's mean minus its column's baseline (first) row, ours and the paper's; "
+        f"{tables.AGREE} when both point the same way, {tables.DISAGREE} when not. A Δ inside the "
+        "seeds' spread is noise whichever its sign.",
+        f"Paper numbers: {paper['source']}; kept in `pipeline_src/report/paper_numbers.yaml`.",
+    ))]
+
+
+def build(params: dict) -> dict[str, Path]:
+    """Write report.md, report.html and the figures; returns their paths."""
+    paper = load_paper_numbers()
+    results = Results(params["paths"]["runs"], params["study"]["seeds"])
+    out_dir = Path(params["paths"]["reports"])
+    defined = set(P.all_run_names(params))
+    names = P.all_run_names(params) + [n for n in runs_named(paper) if n not in defined]
+    num_classes = read_num_classes(Path(params["paths"]["data"]))
+    t = paper["tables"]
+
+    blocks = header(params, num_classes) + [status(names, results)]
+    blocks += [Heading(2, "Efficient training (Tables 3 and 4)")]
+    blocks += tables.table3(t["table3"], results, defined)
+    blocks += tables.comparison_table(t["table4"], results, defined)
+    blocks += [Heading(2, "Model tweaks (Table 5)")] + tables.comparison_table(t["table5"], results, defined)
+    blocks += [Heading(2, "Training refinements (Table 6)"), tables.teacher_line(params["teacher"]["run"], results)]
+    blocks += tables.comparison_table(t["table6"], results, defined)
+    blocks += [Heading(2, "Each trick's effect")]
+    blocks += tables.ranking("single_trick", params, results, defined)
+    blocks += tables.ranking("leave_one_out", params, results, defined)
+    blocks += [Heading(2, "Transfer learning (Tables 8 and 9)")]
+    for name in TRANSFER_TABLES:
+        blocks += tables.transfer_table(t[name], results, defined)
+    blocks += figures(params, paper, results, names, num_classes, out_dir)
+    blocks += notes(paper)
+
+    md, html = out_dir / "report.md", out_dir / "report.html"
+    write_text(md, to_markdown(blocks))
+    write_text(html, to_html(blocks, f"Bag of Tricks re-run: {params['profile']['name']}"))
+    figs = [b.path for b in blocks if isinstance(b, Figure)]
+    return {"markdown": md, "html": html, **{p.stem: p for p in figs}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    P.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        written = build(P.from_args(args))
+    except (P.ParamsError, ReportInputError, PaperNumbersError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in written.values():
+        print(f"report: wrote {path}")
+    return 0

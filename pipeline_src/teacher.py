@@ -1,0 +1,92 @@
+"""Stage: the distillation teacher, trained as the run `teacher.run` or imported from `teacher.checkpoint`.
+
+    python -m pipeline_src.teacher --seed 0 [--params FILE] [--set teacher.checkpoint=FILE]
+
+Either way the teacher ends up at data/runs/<teacher.run>/seed<k>/model.pt with its measured val
+top-1 in metrics.json (and in MLflow) before any student trains, so a bad teacher is seen early.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline_src import checkpoint, params as P, tracking
+from pipeline_src.io import write_json
+from pipeline_src.loader import make_val_loader
+from pipeline_src.models import build_model
+from pipeline_src.train import betons_dir, evaluate, is_finished, read_classes, run_dir, train
+
+
+def import_teacher(cfg: dict, seed: int) -> dict:
+    """Check a user's checkpoint against the teacher run's architecture and class count, measure it."""
+    source = Path(cfg["teacher"]["checkpoint"])
+    state, meta = checkpoint.load_model_weights(source)
+    wnids = read_classes(cfg)
+    expected = cfg["model"]
+    found = meta.get("model", {})
+    mismatched = {k: (found[k], expected[k]) for k in ("arch", "depth", "variant", "width")
+                  if k in found and found[k] != expected[k]}
+    if mismatched:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs params {b!r}" for k, (a, b) in mismatched.items())
+        raise SystemExit(f"{source}: teacher architecture does not match run '{cfg['run']['name']}' ({detail}); "
+                         "fix the runs.<teacher>.set / model keys or point teacher.checkpoint elsewhere")
+    if meta.get("num_classes") not in (None, len(wnids)):
+        raise SystemExit(f"{source}: teacher has {meta['num_classes']} classes but the betons have {len(wnids)}; "
+                         "a teacher must be trained on the same classes as its students")
+    model = build_model({**expected, "zero_gamma": False}, len(wnids))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise SystemExit(f"{source}: weights do not fit {expected} with {len(wnids)} classes: "
+                         f"{str(exc).splitlines()[0]}") from exc
+    device = torch.device("cpu")
+    val = make_val_loader(betons_dir(cfg) / "val.beton", cfg, cfg["train"]["batch_size"], device)
+    scores = evaluate(model, val, cfg, device, len(wnids), keep_gaps=True)
+    out = run_dir(cfg, cfg["run"]["name"], seed)
+    metrics = {"top1": scores["top1"], "top5": scores["top5"], "val_loss": scores["val_loss"],
+               "source": str(source)}
+    tags = {"run": cfg["run"]["name"], "seed": str(seed), "profile": cfg["profile"]["name"],
+            "teacher_source": str(source)}
+    with tracking.start_run(cfg, cfg["run"]["name"], seed, tags) as tracker:
+        tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if k != "source"}, step=0)
+    checkpoint.save_final_model(out / "model.pt", model.state_dict(), {
+        "run": cfg["run"]["name"], "seed": seed, "model": expected, "num_classes": len(wnids), "wnids": wnids,
+    })
+    write_json(out / "history.json", {"run": cfg["run"]["name"], "seed": seed, "tricks": cfg["run"]["tricks"],
+                                      "epochs": [], "lr_curve": [], "logit_gaps": scores["logit_gaps"],
+                                      "label_smoothing": cfg["train"]["label_smoothing"]})
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=None, help="default: the first of study.seeds")
+    P.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        params = P.from_args(args)
+        cfg = P.resolve_run(params, params["teacher"]["run"])
+    except P.ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    seed = params["study"]["seeds"][0] if args.seed is None else args.seed
+    out = run_dir(cfg, cfg["run"]["name"], seed)
+    if params["teacher"]["checkpoint"] and not is_finished(out):
+        try:
+            metrics = import_teacher(cfg, seed)
+        except checkpoint.CheckpointError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    else:
+        metrics = train(cfg, cfg["run"]["name"], seed)
+    if metrics:
+        print(f"teacher {cfg['run']['name']} seed {seed}: val top-1 {metrics['top1']:.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
