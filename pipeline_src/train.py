@@ -210,7 +210,7 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
     lr = scaled_lr(train_cfg["base_lr"], train_cfg["batch_size"], train_cfg["base_batch"], train_cfg["linear_scaling"])
     optimizer = build_optimizer(model, train_cfg, lr)
     scheduler = build_scheduler(
-        optimizer, base_lr=lr, iters_per_epoch=iters, epochs=train_cfg["epochs"],
+        optimizer, iters_per_epoch=iters, epochs=train_cfg["epochs"],
         warmup_epochs=train_cfg["warmup_epochs"], schedule=train_cfg["schedule"],
         milestones=train_cfg["step_milestones"], gamma=train_cfg["step_gamma"],
     )

@@ -1,0 +1,40 @@
+"""Build the classifier a run trains from params['model']: our ResNets, or torchvision's Inception-V3 and
+MobileNetV2 (never pretrained: nothing is downloaded), all initialised by the same scheme."""
+from __future__ import annotations
+
+from torch import nn
+from torchvision.models import inception_v3, mobilenet_v2
+
+from ..tricks.zero_gamma import apply_zero_gamma
+from .resnet import ResNet, init_weights
+
+ARCHS = ("resnet", "inception_v3", "mobilenet_v2")
+
+
+def build_model(model_cfg: dict, num_classes: int) -> nn.Module:
+    """params['model'] (arch, depth, variant, width, init, zero_gamma) -> an initialised nn.Module.
+
+    depth and variant apply to ResNet only; width scales ResNet's channels and is MobileNetV2's
+    `width_mult`; Inception-V3 has no width multiplier, so it takes width 1 only.
+    """
+    arch = model_cfg["arch"]
+    if arch == "resnet":
+        model: nn.Module = ResNet(
+            model_cfg["depth"], model_cfg["variant"], model_cfg["width"], num_classes, model_cfg["init"]
+        )
+    elif arch == "inception_v3":
+        if model_cfg["width"] != 1.0:
+            raise ValueError(
+                f"model.width is {model_cfg['width']} but inception_v3 has no width multiplier; "
+                "set model.width: 1.0 for this architecture"
+            )
+        model = inception_v3(weights=None, num_classes=num_classes, aux_logits=False, init_weights=False)
+        init_weights(model, model_cfg["init"])
+    elif arch == "mobilenet_v2":
+        model = mobilenet_v2(weights=None, num_classes=num_classes, width_mult=model_cfg["width"])
+        init_weights(model, model_cfg["init"])
+    else:
+        raise ValueError(f"model.arch {arch!r} is not one of {list(ARCHS)}")
+    if model_cfg["zero_gamma"]:
+        apply_zero_gamma(model)
+    return model

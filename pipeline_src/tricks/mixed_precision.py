@@ -1,0 +1,40 @@
+"""Mixed precision (section 3.2): low-precision compute, fp32 master weights, loss scaling where needed.
+
+amp on CUDA: fp16 autocast plus a GradScaler (fp16 gradients underflow without loss scaling).
+amp on CPU:  bf16 autocast; bf16 has fp32's exponent range, so no scaler (a disabled one, a no-op).
+fp32:        no autocast, disabled scaler. Nothing here touches CUDA when the device is the CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager
+
+import torch
+
+PRECISIONS = ("fp32", "amp")
+AMP_DTYPES = {"cuda": torch.float16, "cpu": torch.bfloat16}
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast compute dtype for this device and precision, None for plain fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {list(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if device.type not in AMP_DTYPES:
+        raise ValueError(f"precision 'amp' supports devices {list(AMP_DTYPES)}, not {device.type!r}")
+    return AMP_DTYPES[device.type]
+
+
+def autocast_context(device: torch.device, precision: str) -> ContextManager:
+    """Wrap the forward pass and loss in this: autocast for amp, a no-op for fp32."""
+    dtype = autocast_dtype(device, precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """A GradScaler enabled only for fp16 (CUDA amp); elsewhere a disabled one that passes through."""
+    enabled = autocast_dtype(device, precision) == torch.float16
+    return torch.amp.GradScaler(device.type, enabled=enabled)
