@@ -481,6 +481,12 @@ def resolve_run(params: dict, run: str) -> dict:
     return resolved
 
 
+def recipe_of(resolved: dict) -> dict:
+    """The settings that shape one resolved run's training: a change re-trains exactly that run."""
+    sections = [k for k in RUN_SECTIONS if k != "distill" or resolved["train"]["distill"]]
+    return {k: resolved[k] for k in sections}
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     """`{'a': {'b': 1}}` -> `{'a.b': 1}`, for logging and comparing."""
     out: dict[str, Any] = {}

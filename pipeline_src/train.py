@@ -10,6 +10,7 @@ Outputs: data/runs/<run>/seed<k>/{last.pt, model.pt, history.json, metrics.json}
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -57,8 +58,17 @@ def betons_dir(params: dict) -> Path:
     return Path(params["paths"]["data"]) / "betons"
 
 
-def is_finished(out: Path) -> bool:
-    return (out / "metrics.json").is_file() and (out / "model.pt").is_file()
+def recipe_hash(cfg: dict) -> str:
+    """Fingerprint of everything that shapes a run's training, to never resume or skip a stale one."""
+    return hashlib.sha256(json.dumps(P.recipe_of(cfg), sort_keys=True).encode()).hexdigest()
+
+
+def is_finished(out: Path, recipe: str | None = None) -> bool:
+    """Done means metrics.json and model.pt exist, written for this very recipe."""
+    metrics = out / "metrics.json"
+    if not (metrics.is_file() and (out / "model.pt").is_file()):
+        return False
+    return recipe is None or json.loads(metrics.read_text()).get("recipe") == recipe
 
 
 def setup_distributed(device_kind: str) -> Dist:
@@ -182,8 +192,9 @@ def evaluate(model, loader, cfg: dict, device, num_classes: int, keep_gaps: bool
 def train(cfg: dict, run: str, seed: int) -> dict | None:
     """Train (or resume, or skip) one run; returns its final metrics on rank 0."""
     out = run_dir(cfg, run, seed)
-    if is_finished(out):
-        print(f"{out}: already finished, skipping (delete it to re-train)")
+    recipe = recipe_hash(cfg)
+    if is_finished(out, recipe):
+        print(f"{out}: already finished with these params, skipping (delete it to re-train)")
         return json.loads((out / "metrics.json").read_text())
     train_cfg = cfg["train"]
     ddp = setup_distributed("cuda" if cfg["loader"]["device"] != "cpu" and torch.cuda.is_available() else "cpu")
@@ -221,8 +232,12 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
     history: list[dict] = []
     lr_curve: list[list[float]] = []
     start_epoch = 0
-    if ckpt.is_file():
-        state = checkpoint.load_checkpoint(ckpt)
+    state = checkpoint.load_checkpoint(ckpt) if ckpt.is_file() else None
+    if state is not None and state["recipe"] != recipe:
+        if ddp.main:
+            print(f"{ckpt}: written with other params; starting this run afresh")
+        state = None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -260,6 +275,7 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                     "rng": checkpoint.capture_rng_state({"mixup": mix_gen}),
                     "epoch": epoch, "history": json.dumps(history), "lr_curve": json.dumps(lr_curve),
+                    "recipe": recipe,
                 })
         final = evaluate(model, val_loader, cfg, device, num_classes, keep_gaps=True)
         if not ddp.main:
@@ -268,7 +284,7 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
             "top1": final["top1"], "top5": final["top5"], "val_loss": final["val_loss"],
             "train_loss": history[-1]["train_loss"],
             "images_per_s": sum(h["images_per_s"] for h in history) / len(history),
-            "wall_time_s": sum(h["epoch_time_s"] for h in history),
+            "wall_time_s": sum(h["epoch_time_s"] for h in history), "recipe": recipe,
         }
         checkpoint.save_final_model(out / "model.pt", model.state_dict(), {
             "run": run, "seed": seed, "model": cfg["model"], "num_classes": num_classes, "wnids": wnids,
@@ -278,8 +294,10 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
                                           "logit_gaps": final["logit_gaps"],
                                           "label_smoothing": train_cfg["label_smoothing"]})
         write_json(out / "metrics.json", metrics)
-        tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=train_cfg["epochs"])
+        tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if k != "recipe"},
+                            step=train_cfg["epochs"])
         tracker.log_artifact(out / "history.json")
+    ckpt.unlink(missing_ok=True)  # model.pt holds the weights now; the resume state is spent
     return metrics
 
 

@@ -4,8 +4,7 @@ import json
 
 def run_recipe(run):
     """The run's fully resolved settings: a change re-runs exactly the runs it touches."""
-    resolved = P.resolve_run(config, run)
-    return json.dumps({k: resolved[k] for k in P.RUN_SECTIONS}, sort_keys=True)
+    return json.dumps(P.recipe_of(P.resolve_run(config, run)), sort_keys=True)
 
 
 def teacher_input(wildcards):
