@@ -252,7 +252,7 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
         model, device_ids=[device.index] if device.type == "cuda" else None)
     compiled = torch.compile(net) if train_cfg["compile"] else net
     tags = {"run": run, "seed": str(seed), "profile": cfg["profile"]["name"], **beton_tags(betons)}
-    tracker = tracking.start_run(cfg, run, seed, tags, enabled=ddp.main)
+    tracker = tracking.start_run(cfg, run, seed, tags, enabled=ddp.main, resume=state is not None)
     with tracker:
         for epoch in range(start_epoch, train_cfg["epochs"]):
             train_loader.set_epoch(epoch)

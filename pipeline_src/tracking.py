@@ -1,0 +1,321 @@
+"""Experiment tracking with MLflow; the only module of the project that imports mlflow.
+
+One MLflow run per (run name, seed, profile), found again by its tags, so a killed and resumed
+training keeps logging into the same MLflow run. The store is checked at start, so a wrong URI fails
+in seconds instead of after an epoch of training (MLflow's own HTTP retries can take minutes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import (
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    MAX_TAG_VAL_LENGTH,
+)
+
+from pipeline_src.params import flatten
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DB_NAME = "mlflow.db"
+# Artifacts beside a SQLite store; not ./mlruns, which `mlflow server` would take for a folder store.
+ARTIFACT_DIR_NAME = "mlartifacts"
+PROBE_TIMEOUT_S = 5.0
+TRUNCATED = "...[truncated]"
+FINISHED, FAILED, RUNNING = "FINISHED", "FAILED", "RUNNING"
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message names the URI and what to do."""
+
+
+def default_uri() -> str:
+    return f"sqlite:///{REPO_ROOT / DEFAULT_DB_NAME}"
+
+
+def resolve_uri(params: dict) -> str:
+    """`tracking.uri` if set, else $MLFLOW_TRACKING_URI, else the SQLite file in the repo root."""
+    return params["tracking"]["uri"] or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+
+
+def _fix_hint() -> str:
+    return (
+        f"set tracking.uri in the params file (or --set tracking.uri=...), or $MLFLOW_TRACKING_URI, "
+        f"to a reachable server or a writable sqlite:///path/mlflow.db; the default is {default_uri()}"
+    )
+
+
+def _sqlite_path(uri: str) -> Path:
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
+
+
+def _probe(uri: str) -> None:
+    """Fail in seconds, naming the URI, when the store is unreachable or unwritable."""
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S).close()
+        except urllib.error.HTTPError as exc:
+            raise TrackingError(
+                f"{url} answered HTTP {exc.code}: is {uri} an MLflow tracking server? Otherwise {_fix_hint()}"
+            ) from exc
+        except (urllib.error.URLError, OSError) as exc:
+            raise TrackingError(
+                f"cannot reach the MLflow tracking server at {uri} ({getattr(exc, 'reason', exc)}); start "
+                f"it (e.g. `mlflow server --host 127.0.0.1 --port 5000`), or {_fix_hint()}"
+            ) from exc
+    elif uri.startswith("sqlite:///"):
+        # MLflow retries a SQLite engine that cannot open for about 100 s; probe with sqlite3 first.
+        db = _sqlite_path(uri)
+        if not db.parent.is_dir():
+            raise TrackingError(
+                f"tracking store {uri}: folder {db.parent} does not exist; create it or {_fix_hint()}"
+            )
+        try:
+            conn = sqlite3.connect(db, timeout=PROBE_TIMEOUT_S)
+            try:
+                conn.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only file or folder
+                conn.rollback()
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise TrackingError(
+                f"tracking store {uri}: cannot open {db} for writing ({exc}); {_fix_hint()}"
+            ) from exc
+
+
+def _connect(uri: str) -> MlflowClient:
+    _probe(uri)
+    return _store_call(uri, "opening the store", MlflowClient, tracking_uri=uri)
+
+
+def _store_call(uri: str, what: str, fn, *args, **kwargs):
+    """Run the first calls against the store, turning MLflow/DB errors into one clear message."""
+    try:
+        return fn(*args, **kwargs)
+    except MlflowException as exc:
+        raise TrackingError(f"tracking store {uri}: {what} failed ({exc.message}); {_fix_hint()}") from exc
+    except Exception as exc:  # SQLAlchemy and requests errors surface here unwrapped
+        raise TrackingError(
+            f"tracking store {uri}: {what} failed ({type(exc).__name__}: {exc}); {_fix_hint()}"
+        ) from exc
+
+
+def _experiment_id(client: MlflowClient, uri: str, name: str, create: bool) -> str | None:
+    exp = _store_call(uri, f"reading experiment '{name}'", client.get_experiment_by_name, name)
+    if exp is None and create:
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (_sqlite_path(uri).resolve().parent / ARTIFACT_DIR_NAME).as_uri()
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException as exc:
+            exp = _store_call(uri, f"reading experiment '{name}'", client.get_experiment_by_name, name)
+            if exp is None:  # not a concurrent run creating it first: a real failure
+                raise TrackingError(
+                    f"tracking store {uri}: creating experiment '{name}' failed ({exc.message})"
+                ) from exc
+    if exp is None:
+        return None
+    if exp.lifecycle_stage != "active":
+        raise TrackingError(
+            f"tracking store {uri}: experiment '{name}' is deleted; restore it "
+            f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or set tracking.experiment"
+        )
+    return exp.experiment_id
+
+
+def _text(value: Any, limit: int) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - len(TRUNCATED)] + TRUNCATED
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _quoted(value: str) -> str:
+    if "'" in value:
+        raise TrackingError(f"tag value {value!r} contains a quote; use run/profile names without quotes")
+    return f"'{value}'"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+class Tracker:
+    """Logs one training run; `with tracker:` marks it FAILED on an exception, else FINISHED.
+
+    A disabled Tracker (DDP ranks other than 0) has the same methods and does nothing.
+    """
+
+    def __init__(self, client: MlflowClient | None = None, run_id: str | None = None, resumed: bool = False):
+        self._client = client
+        self.run_id = run_id
+        self.resumed = resumed
+        self._done = False
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Per-epoch scalars (train loss, val top-1/top-5, lr, images/s) at `step` (the epoch)."""
+        if self._client is None:
+            return
+        now = int(time.time() * 1000)
+        entries = []
+        for key, value in metrics.items():
+            try:
+                entries.append(Metric(key, float(value), now, int(step)))
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"metric '{key}' at step {step}: {value!r} is not a number") from exc
+        for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
+            self._client.log_batch(self.run_id, metrics=chunk)
+
+    def _log_params(self, params: dict[str, Any]) -> None:
+        """Log flattened params; ones already logged must hold the same value (MLflow forbids changes)."""
+        wanted = {key: _text(value, MAX_PARAM_VAL_LENGTH) for key, value in params.items()}
+        logged = self._client.get_run(self.run_id).data.params
+        changed = sorted(k for k in wanted if k in logged and logged[k] != wanted[k])
+        if changed:
+            diffs = "; ".join(f"{k}: logged {logged[k]!r}, now {wanted[k]!r}" for k in changed[:5])
+            raise TrackingError(
+                f"MLflow run {self.run_id} was started with different params ({diffs}); resume with the "
+                "params it was started with, or delete its checkpoint and MLflow run to start over"
+            )
+        missing = [Param(k, v) for k, v in wanted.items() if k not in logged]
+        for chunk in _chunks(missing, MAX_PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=chunk)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if self._client is None:
+            return
+        entries = [RunTag(key, _text(value, MAX_TAG_VAL_LENGTH)) for key, value in tags.items()]
+        for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self.run_id, tags=chunk)
+
+    def log_artifact(self, path: str | Path) -> None:
+        if self._client is None:
+            return
+        self._client.log_artifact(self.run_id, str(path))
+
+    def finish(self, status: str = FINISHED) -> None:
+        """Mark the run FINISHED or FAILED; later calls do nothing."""
+        if self._client is None or self._done:
+            return
+        if status not in (FINISHED, FAILED):
+            raise ValueError(f"finish(status={status!r}): use {FINISHED!r} or {FAILED!r}")
+        self._client.set_terminated(self.run_id, status=status)
+        self._done = True
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finish(FAILED if exc_type is not None else FINISHED)
+
+
+def start_run(params: dict, run_name: str, seed: int, tags: dict[str, Any], enabled: bool = True,
+              resume: bool = True) -> Tracker:
+    """The Tracker of (run, seed): resumes its unfinished MLflow run (if `resume`), else starts a new one.
+
+    Tags the run with run, seed, profile, git commit and the caller's `tags` (beton sha256s), and
+    logs every key of `params` flattened. `enabled=False` (DDP ranks other than 0) gives a no-op.
+    """
+    if not enabled:
+        return Tracker()
+    uri = resolve_uri(params)
+    experiment = params["tracking"]["experiment"]
+    profile = params["profile"]["name"]
+    client = _connect(uri)
+    exp_id = _experiment_id(client, uri, experiment, create=True)
+    filter_string = (
+        f"tags.run = {_quoted(run_name)} and tags.seed = {_quoted(str(seed))} "
+        f"and tags.profile = {_quoted(profile)}"
+    )
+    found = _store_call(
+        uri, "searching runs", client.search_runs, [exp_id], filter_string,
+        max_results=1, order_by=["attributes.start_time DESC"],
+    )
+    identity = {"run": run_name, "seed": str(seed), "profile": profile}
+    if resume and found and found[0].info.status != FINISHED:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status=RUNNING)
+        tracker = Tracker(client, run_id, resumed=True)
+    else:
+        run = client.create_run(exp_id, run_name=f"{run_name}-seed{seed}", tags=identity)
+        tracker = Tracker(client, run.info.run_id)
+    tracker.set_tags({"git_commit": git_commit(), "params_file": params.get("_source", ""), **tags, **identity})
+    tracker._log_params({k: v for k, v in flatten(params).items() if not k.startswith("_")})
+    return tracker
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[list[float]]:
+    """[[step, value], ...] by step; a step logged again after a resume keeps its latest value."""
+    latest: dict[int, Metric] = {}
+    for m in client.get_metric_history(run_id, key):
+        if m.step not in latest or m.timestamp >= latest[m.step].timestamp:
+            latest[m.step] = m
+    return [[step, latest[step].value] for step in sorted(latest)]
+
+
+def read_runs(params: dict) -> list[dict]:
+    """The latest finished MLflow run of each (run, seed) of this profile, with full histories.
+
+    Each item: run, seed, run_id, tags, params, metrics (final values) and history
+    (metric -> [[step, value], ...]); sorted by (run, seed). An absent experiment gives [].
+    """
+    uri = resolve_uri(params)
+    client = _connect(uri)
+    exp_id = _experiment_id(client, uri, params["tracking"]["experiment"], create=False)
+    if exp_id is None:
+        return []
+    profile = _quoted(params["profile"]["name"])
+    filter_string = f"tags.profile = {profile} and attributes.status = '{FINISHED}'"
+    latest: dict[tuple[str, int], Any] = {}
+    token = None
+    while True:
+        page = _store_call(
+            uri, "searching runs", client.search_runs, [exp_id], filter_string,
+            order_by=["attributes.start_time DESC"], page_token=token,
+        )
+        for run in page:
+            key = (run.data.tags["run"], int(run.data.tags["seed"]))
+            latest.setdefault(key, run)
+        token = page.token
+        if not token:
+            break
+    out = []
+    for (name, seed), run in sorted(latest.items()):
+        run_id = run.info.run_id
+        out.append({
+            "run": name,
+            "seed": seed,
+            "run_id": run_id,
+            "tags": dict(run.data.tags),
+            "params": dict(run.data.params),
+            "metrics": dict(run.data.metrics),
+            "history": {key: _history(client, run_id, key) for key in sorted(run.data.metrics)},
+        })
+    return out

@@ -1,0 +1,212 @@
+"""Tracking against a real MLflow server and a SQLite file: logging, resume, fail-fast, no-op ranks."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline_src import params as P
+from pipeline_src import tracking
+from pipeline_src.tracking import TrackingError
+
+PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
+MLFLOW = Path(sys.executable).parent / "mlflow"
+STARTUP_LIMIT_S = 120
+BETON_TAGS = {"beton_train_sha256": "ab" * 32, "beton_val_sha256": "cd" * 32}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _params(run: str, *sets: str) -> dict:
+    return P.resolve_run(P.load(PARAMS_FILE, list(sets)), run)
+
+
+@pytest.fixture(scope="module")
+def server_uri(tmp_path_factory):
+    """A real `mlflow server` on loopback with a SQLite backend, killed after the module."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    cmd = [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
+           "--artifacts-destination", str(root / "artifacts")]
+    # The job runner spawns a pool of consumers this test never uses.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log_path = root / "server.log"
+    start = time.monotonic()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env, start_new_session=True
+        )
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            if time.monotonic() - start > STARTUP_LIMIT_S:
+                tail = log_path.read_text()[-3000:]
+                pytest.fail(f"mlflow server not healthy after {STARTUP_LIMIT_S} s:\n{tail}")
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.2)
+        print(f"\nmlflow server startup: {time.monotonic() - start:.1f} s")
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_server_logs_resumes_and_reads_back(server_uri, tmp_path):
+    params = _params("baseline", f"tracking.uri={server_uri}", "tracking.experiment=server-test")
+    flat = P.flatten(params)
+    assert len(flat) > 100  # more than one log_batch of params
+
+    first = tracking.start_run(params, "baseline", 0, BETON_TAGS)
+    assert first.enabled and not first.resumed
+    epoch0 = {"train_loss": 2.0, "val_top1": 0.1, "val_top5": 0.5, "lr": 0.1, "images_per_s": 90.0}
+    first.log_metrics(epoch0, step=0)
+    first.log_metrics({"train_loss": 1.5, "val_top1": 0.2}, step=1)
+    artifact = tmp_path / "history.json"
+    artifact.write_text('{"epochs": 2}\n')
+    first.log_artifact(artifact)
+    # Killed here: never finished. The resumed training must land in the same MLflow run.
+    second = tracking.start_run(params, "baseline", 0, BETON_TAGS)
+    assert second.resumed and second.run_id == first.run_id
+    second.log_metrics({"train_loss": 1.4, "val_top1": 0.25}, step=1)
+    second.log_metrics({"train_loss": 1.0, "val_top1": 0.4}, step=2)
+    second.finish()
+
+    client = MlflowClient(server_uri)
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "baseline-seed0"
+    assert set(run.data.params) == set(flat)
+    assert run.data.params["run.name"] == "baseline" and run.data.params["train.base_lr"] == "0.1"
+    assert run.data.params["train.step_milestones"] == "[6, 9]"
+    assert run.data.params["model.zero_gamma"] == "false"
+    tags = run.data.tags
+    assert (tags["run"], tags["seed"], tags["profile"]) == ("baseline", "0", "cpu-embedded")
+    assert tags["beton_train_sha256"] == "ab" * 32
+    assert len(tags["git_commit"]) == 40 or tags["git_commit"] == "unknown"
+    assert [a.path for a in client.list_artifacts(first.run_id)] == ["history.json"]
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+    (item,) = tracking.read_runs(params)
+    assert (item["run"], item["seed"], item["run_id"]) == ("baseline", 0, first.run_id)
+    assert item["history"]["train_loss"] == [[0, 2.0], [1, 1.4], [2, 1.0]]
+    assert item["history"]["val_top5"] == [[0, 0.5]]
+    assert item["metrics"]["val_top1"] == 0.4
+    assert item["params"]["train.epochs"] == "12"
+
+    # A finished run is not resumed: training it again makes a new run, and the report reads the newest.
+    again = tracking.start_run(params, "baseline", 0, BETON_TAGS)
+    assert not again.resumed and again.run_id != first.run_id
+    with again:
+        again.log_metrics({"train_loss": 0.9}, step=0)
+    (item,) = tracking.read_runs(params)
+    assert item["run_id"] == again.run_id and item["history"] == {"train_loss": [[0, 0.9]]}
+
+
+def test_sqlite_default_store_in_repo_root(tmp_path, monkeypatch):
+    monkeypatch.setattr(tracking, "REPO_ROOT", tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    long_text = "x" * 7000
+    params = _params("t4-warmup", f"profile.description={long_text}")
+    assert tracking.resolve_uri(params) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    with pytest.raises(RuntimeError, match="diverged"):
+        with tracking.start_run(params, "t4-warmup", 1, {}) as tracker:
+            tracker.log_metrics({"train_loss": 3.0}, step=0)
+            (tmp_path / "model.json").write_text("{}")
+            tracker.log_artifact(tmp_path / "model.json")
+            raise RuntimeError("loss diverged")
+    assert (tmp_path / "mlflow.db").is_file()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(tracker.run_id)
+    artifacts = (tmp_path / tracking.ARTIFACT_DIR_NAME).as_uri()
+    assert run.info.artifact_uri.startswith(artifacts + "/")
+    assert (Path(run.info.artifact_uri.removeprefix("file://")) / "model.json").is_file()
+    assert run.info.status == "FAILED"
+    assert run.data.tags["git_commit"] == "unknown"  # tmp_path is not a git work tree
+    description = run.data.params["profile.description"]
+    assert len(description) == 6000 and description.endswith(tracking.TRUNCATED)
+    assert tracking.read_runs(params) == []  # failed runs are not reported
+
+    # A failed run is resumed (same id); params that did not change are accepted ...
+    resumed = tracking.start_run(params, "t4-warmup", 1, {})
+    assert resumed.resumed and resumed.run_id == tracker.run_id
+    assert client.get_run(resumed.run_id).info.status == "RUNNING"
+    with pytest.raises(TypeError, match="metric 'val_top1' at step 3: 'n/a' is not a number"):
+        resumed.log_metrics({"train_loss": 1.0, "val_top1": "n/a"}, step=3)
+    # ... but resuming with changed params is refused, naming the key.
+    changed = _params("t4-warmup", f"profile.description={long_text}", "train.epochs=30")
+    with pytest.raises(TrackingError, match=r"train\.epochs: logged '12', now '30'"):
+        tracking.start_run(changed, "t4-warmup", 1, {})
+    # Another seed is another MLflow run.
+    other = tracking.start_run(params, "t4-warmup", 2, {})
+    assert not other.resumed and other.run_id != tracker.run_id
+
+
+def test_uri_precedence(tmp_path, monkeypatch):
+    monkeypatch.setattr(tracking, "REPO_ROOT", tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert tracking.resolve_uri(_params("baseline")) == "http://127.0.0.1:1"
+    assert tracking.resolve_uri(_params("baseline", "tracking.uri=sqlite:///x.db")) == "sqlite:///x.db"
+
+
+def test_unreachable_server_fails_fast(tmp_path, monkeypatch):
+    monkeypatch.setattr(tracking, "REPO_ROOT", tmp_path)
+    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    params = _params("baseline", f"tracking.uri={uri}")
+    start = time.monotonic()
+    with pytest.raises(TrackingError) as err:
+        tracking.start_run(params, "baseline", 0, {})
+    assert time.monotonic() - start < 10
+    msg = str(err.value)
+    assert uri in msg and "mlflow server" in msg and "MLFLOW_TRACKING_URI" in msg and "tracking.uri" in msg
+    with pytest.raises(TrackingError, match=uri):
+        tracking.read_runs(params)
+
+
+def test_unusable_sqlite_path_fails_fast(tmp_path):
+    missing = tmp_path / "no" / "such" / "mlflow.db"
+    with pytest.raises(TrackingError, match=rf"{missing.parent} does not exist"):
+        tracking.start_run(_params("baseline", f"tracking.uri=sqlite:///{missing}"), "baseline", 0, {})
+    a_folder = tmp_path / "db_is_a_folder"
+    a_folder.mkdir()
+    start = time.monotonic()
+    with pytest.raises(TrackingError, match=rf"sqlite:///{a_folder}: cannot open.*MLFLOW_TRACKING_URI"):
+        tracking.start_run(_params("baseline", f"tracking.uri=sqlite:///{a_folder}"), "baseline", 0, {})
+    assert time.monotonic() - start < 10
+
+
+def test_disabled_tracker_is_a_no_op(tmp_path, monkeypatch):
+    monkeypatch.setattr(tracking, "REPO_ROOT", tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # An unreachable URI proves the disabled tracker never talks to the store.
+    params = _params("baseline", f"tracking.uri=http://127.0.0.1:{_free_port()}")
+    with tracking.start_run(params, "baseline", 0, BETON_TAGS, enabled=False) as tracker:
+        assert not tracker.enabled and tracker.run_id is None
+        tracker.log_metrics({"train_loss": 1.0}, step=0)
+        tracker.set_tags({"a": "b"})
+        tracker.log_artifact(tmp_path / "missing.json")
+    tracker.finish("FAILED")
+    assert list(tmp_path.iterdir()) == []
+
