@@ -3,7 +3,10 @@
 
 rule synthetic:
     output:
-        f"{DATA}/synthetic/manifest.json",
+        manifest=f"{DATA}/synthetic/manifest.json",
+        imagenet=directory(f"{DATA}/synthetic/imagenet"),
+        voc=directory(f"{DATA}/synthetic/VOCdevkit"),
+        ade20k=directory(f"{DATA}/synthetic/ADEChallengeData2016"),
     params:
         synthetic=config["synthetic"],
     shell:
@@ -12,7 +15,7 @@ rule synthetic:
 
 def imagenet_input(wildcards):
     """The embedded data is an input only when data.imagenet_dir is null."""
-    return [] if config["data"]["imagenet_dir"] else rules.synthetic.output
+    return [] if config["data"]["imagenet_dir"] else [rules.synthetic.output.manifest]
 
 
 rule prepare:
