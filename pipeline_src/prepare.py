@@ -1,0 +1,506 @@
+"""Stage: ILSVRC2012 folders -> FFCV betons (`train.beton`, `val.beton`, `classes.json`, `manifest.json`).
+
+Why it is built this way:
+- Byte-identical betons. ffcv's `DatasetWriter` with several worker processes places pages in the
+  order the workers happen to finish, and `write_mode='proportion'` picks JPEG or raw with the
+  unseeded global numpy RNG; either makes two writes of the same data differ. So the writer runs in
+  one process, a pool of `prepare.num_workers` processes decodes the images ahead of it in order,
+  and the global RNG is seeded from (`prepare.seed`, image index) just before ffcv encodes an image.
+- Fail fast. Every image is decoded before any beton is written, and all broken files are reported
+  in one message (or skipped and listed, with `data.on_corrupt: skip`).
+- Atomic. Betons and `classes.json` go through temp files renamed at the end; `manifest.json` is
+  written last and is the only "done" marker. A re-run whose inputs, settings and checksums match
+  the manifest does nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import multiprocessing as mp
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from functools import partial
+from importlib.metadata import version
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from pipeline_src import params as P
+from pipeline_src.io import atomic_path, write_json
+
+# The extensions torchvision's ImageFolder accepts; anything else (and any dotfile) is not an image.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+VAL_SOLUTION = "LOC_val_solution.csv"  # Kaggle's labels for a flat val/ folder
+SYNSET_MAPPING = "LOC_synset_mapping.txt"  # Kaggle's "wnid name, name" lines (optional)
+KAGGLE_SUBDIR = ("ILSVRC", "Data", "CLS-LOC")  # where Kaggle keeps train/ and val/ below its CSVs
+SPLITS = ("train", "val")
+OUTPUTS = ("classes.json", "train.beton", "val.beton")
+MANIFEST = "manifest.json"
+DECODE_BLOCK = 256  # images decoded ahead of the writer; bounds memory, does not change the output
+
+
+class PrepareError(RuntimeError):
+    """Bad input for the prepare stage; the message names the path and what to do."""
+
+
+@dataclass(frozen=True)
+class Item:
+    path: Path
+    label: int
+
+
+@dataclass
+class ImageNetScan:
+    """What a dataset folder holds: class wnids in index order and the labelled images per split."""
+
+    root: Path
+    wnids: list[str]
+    train: list[Item]
+    val: list[Item]
+    names: list[str | None]
+    label_files: list[Path] = field(default_factory=list)  # CSVs the labels came from
+
+
+# ---------------------------------------------------------------- scanning the folders
+
+def _visible(path: Path, below: Path) -> bool:
+    return not any(part.startswith(".") for part in path.relative_to(below).parts)
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Images anywhere below `folder` (like ImageFolder), skipping dotfiles and hidden folders."""
+    return sorted(p for p in folder.rglob("*") if _is_image(p) and _visible(p, folder) and p.is_file())
+
+
+def _class_dirs(split_dir: Path) -> list[Path]:
+    return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _loose_images(split_dir: Path) -> list[Path]:
+    files = (p for p in split_dir.iterdir() if _is_image(p) and not p.name.startswith("."))
+    return sorted(p for p in files if p.is_file())
+
+
+def _require_dir(path: Path, what: str) -> None:
+    if not path.is_dir():
+        raise PrepareError(
+            f"{path}: missing {what} folder; data.imagenet_dir must hold train/<wnid>/*.JPEG and "
+            f"val/ (val/<wnid>/*.JPEG, or flat val/*.JPEG with {VAL_SOLUTION})"
+        )
+
+
+def _scan_class_folders(split_dir: Path) -> dict[str, list[Path]]:
+    """wnid -> images of each class folder; every folder must hold at least one image."""
+    loose = _loose_images(split_dir)
+    if loose:
+        raise PrepareError(
+            f"{split_dir}: {len(loose)} image(s) outside a class folder (e.g. {loose[0].name}); "
+            "move each into its <wnid>/ folder"
+        )
+    folders = {d.name: _image_files(d) for d in _class_dirs(split_dir)}
+    empty = [str(split_dir / w) for w, files in folders.items() if not files]
+    if empty:
+        raise PrepareError(
+            "class folder(s) without images: " + ", ".join(empty) + "; add the images or remove the folder"
+        )
+    return folders
+
+
+def _find_label_file(root: Path, name: str) -> Path | None:
+    """`name` in the dataset folder, in val/, or at the top of a Kaggle download."""
+    candidates = [root / name, root / "val" / name]
+    resolved = root.resolve()
+    if resolved.parts[-3:] == KAGGLE_SUBDIR:
+        candidates.append(resolved.parents[2] / name)
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def _read_val_solution(path: Path) -> dict[str, str]:
+    """ImageId -> wnid, from Kaggle's `ImageId,PredictionString` (the string starts with the wnid)."""
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not {"ImageId", "PredictionString"} <= set(reader.fieldnames or []):
+            raise PrepareError(f"{path}: expected columns ImageId,PredictionString, got {reader.fieldnames}")
+        labels = {}
+        for line, row in enumerate(reader, start=2):
+            words = (row["PredictionString"] or "").split()
+            if not words:
+                raise PrepareError(f"{path}: line {line}: empty PredictionString for {row['ImageId']}")
+            labels[row["ImageId"]] = words[0]
+    return labels
+
+
+def _scan_flat_val(root: Path, val_dir: Path) -> tuple[dict[str, list[Path]], Path]:
+    """wnid -> images of a flat val/ folder labelled by LOC_val_solution.csv."""
+    solution = _find_label_file(root, VAL_SOLUTION)
+    if solution is None:
+        raise PrepareError(
+            f"{val_dir}: val/ has no class folders and no {VAL_SOLUTION} was found in {root} or "
+            f"{val_dir}; put Kaggle's {VAL_SOLUTION} there or sort the images into val/<wnid>/"
+        )
+    images = _image_files(val_dir)
+    if not images:
+        raise PrepareError(f"{val_dir}: val/ holds no images")
+    labels = _read_val_solution(solution)
+    unlabelled = [str(p) for p in images if p.stem not in labels]
+    if unlabelled:
+        raise PrepareError(
+            f"{len(unlabelled)} val image(s) missing from {solution}: " + ", ".join(unlabelled[:20])
+            + (" ..." if len(unlabelled) > 20 else "") + "; add their rows or remove the images"
+        )
+    by_class: dict[str, list[Path]] = {}
+    for path in images:
+        by_class.setdefault(labels[path.stem], []).append(path)
+    return by_class, solution
+
+
+def _read_names(root: Path, wnids: list[str]) -> list[str | None]:
+    mapping = _find_label_file(root, SYNSET_MAPPING)
+    if mapping is None:
+        return [None] * len(wnids)
+    names = dict(line.split(" ", 1) for line in mapping.read_text().splitlines() if " " in line)
+    return [names.get(w) for w in wnids]
+
+
+def _labelled(by_class: dict[str, list[Path]], index: dict[str, int]) -> list[Item]:
+    return [Item(p, index[w]) for w in sorted(by_class) for p in by_class[w]]
+
+
+def scan_imagenet(root: Path) -> ImageNetScan:
+    """Read the folder layout; class indices are the sorted train wnids. Raises PrepareError.
+
+    Images are ordered by class, then path, in both val layouts, so a flat val/ gives the same
+    val.beton as the same images sorted into class folders.
+    """
+    root = Path(root)
+    train_dir, val_dir = root / "train", root / "val"
+    _require_dir(train_dir, "train/")
+    _require_dir(val_dir, "val/")
+    train = _scan_class_folders(train_dir)
+    if not train:
+        raise PrepareError(f"{train_dir}: no class folders; expected train/<wnid>/*.JPEG")
+    if _class_dirs(val_dir):
+        val, label_files = _scan_class_folders(val_dir), []
+    else:
+        val, solution = _scan_flat_val(root, val_dir)
+        label_files = [solution]
+    unknown = sorted(set(val) - set(train))
+    if unknown:
+        raise PrepareError(
+            f"{val_dir}: val class(es) {unknown} have no folder in {train_dir}; "
+            "the class list comes from train/, so add those train folders or remove those val images"
+        )
+    wnids = sorted(train)
+    index = {w: i for i, w in enumerate(wnids)}
+    return ImageNetScan(root, wnids, _labelled(train, index), _labelled(val, index),
+                        _read_names(root, wnids), label_files)
+
+
+# ---------------------------------------------------------------- checking and decoding images
+
+def image_problem(path: Path, draft_size: int) -> str | None:
+    """Why `path` cannot be used as an RGB image, or None. Decodes the whole file.
+
+    JPEGs decode at a reduced DCT scale (`draft`), which still reads all the compressed data, so
+    truncation and corruption show up at a fraction of the cost of a full-size decode.
+    """
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as img:
+            img.draft("RGB", (draft_size, draft_size))
+            img.convert("RGB")
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, struct.error, ...)
+        return f"unreadable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def find_bad_images(paths: list[Path], workers: int, draft_size: int) -> list[tuple[Path, str]]:
+    """(path, reason) of every image that does not decode, checked by `workers` processes."""
+    with mp.Pool(workers) as pool:
+        problems = pool.map(partial(image_problem, draft_size=draft_size), paths, chunksize=32)
+    return [(p, why) for p, why in zip(paths, problems) if why is not None]
+
+
+def load_rgb(path: Path, max_resolution: int) -> np.ndarray:
+    """HxWx3 uint8 RGB, longest side at most `max_resolution`, resized by ffcv's own `resizer` (so the
+    writer's resize is then a no-op and the pixels are what the stock writer would store).
+
+    CMYK, grayscale, palette and RGBA images (and PNGs named .JPEG) become RGB; alpha is dropped,
+    as torchvision's `pil_loader` and OpenCV's `imread` do.
+    """
+    from ffcv.fields.rgb_image import resizer  # ffcv's import compiles numba code (seconds)
+
+    with Image.open(path) as img:
+        rgb = np.asarray(img.convert("RGB"))
+    return resizer(rgb, max_resolution)
+
+
+def _load_or_none(path: Path, max_resolution: int) -> np.ndarray | None:
+    try:
+        return load_rgb(path, max_resolution)
+    except Exception:  # reported by the writer's parent, which names the file
+        return None
+
+
+def _decode_in_order(paths: list[Path], max_resolution: int, workers: int) -> Iterator[np.ndarray | None]:
+    """Decoded images in order; the pool works on the next block while this one is consumed."""
+    job = partial(_load_or_none, max_resolution=max_resolution)
+    blocks = [paths[i:i + DECODE_BLOCK] for i in range(0, len(paths), DECODE_BLOCK)]
+    with mp.Pool(workers) as pool:
+        pending = pool.map_async(job, blocks[0])
+        for following in blocks[1:] + [None]:
+            ready = pending.get()
+            if following is not None:
+                pending = pool.map_async(job, following)
+            yield from ready
+
+
+class DecodedAhead:
+    """(image, label) samples for ffcv's writer, which must read them in order from one process.
+
+    Before returning sample i it seeds numpy's global RNG with (seed, i): that is the RNG ffcv's
+    `RGBImageField.encode` draws from in 'proportion' mode, so the JPEG-or-raw choice of each image
+    depends only on the seed and its index. A sample that cannot be produced (its file changed since
+    validation, or anything else goes wrong) becomes a 1x1 placeholder and its index is recorded in
+    `failed`: an exception raised here would kill ffcv's worker and leave its parent waiting forever.
+    """
+
+    def __init__(self, items: list[Item], max_resolution: int, workers: int, seed: int, failed):
+        self.items, self.max_resolution, self.workers, self.seed = items, max_resolution, workers, seed
+        self.failed = failed
+        self._stream: Iterator | None = None
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        try:
+            image = self._decoded(index)
+        except Exception:
+            traceback.print_exc()
+            image = None
+        if image is None:
+            with self.failed.get_lock():
+                if self.failed.value < 0:
+                    self.failed.value = index
+            image = np.zeros((1, 1, 3), np.uint8)
+        np.random.seed([self.seed, index])
+        return image, self.items[index].label
+
+    def _decoded(self, index: int) -> np.ndarray | None:
+        if self._stream is None:
+            paths = [item.path for item in self.items]
+            self._stream = _decode_in_order(paths, self.max_resolution, self.workers)
+        if index != self._next:
+            raise IndexError(f"samples must be read in order: expected {self._next}, got {index}")
+        self._next += 1
+        image = next(self._stream)
+        if self._next == len(self.items):
+            self._stream.close()  # shuts the pool down
+        return image
+
+
+# ---------------------------------------------------------------- writing
+
+def write_beton(path: Path, items: list[Item], settings: dict) -> None:
+    """Write `items` to an ffcv file at `path`, byte for byte the same on every run."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    failed = mp.Value("q", -1)
+    dataset = DecodedAhead(items, settings["max_resolution"], settings["num_workers"], settings["seed"],
+                           failed)
+    fields = {
+        "image": RGBImageField(
+            write_mode=settings["write_mode"], max_resolution=settings["max_resolution"],
+            jpeg_quality=settings["jpeg_quality"], compress_probability=settings["compress_probability"],
+        ),
+        "label": IntField(),
+    }
+    # One writer process: with more, page order depends on process timing (see the module doc).
+    DatasetWriter(str(path), fields, num_workers=1).from_indexed_dataset(dataset)
+    if failed.value >= 0:
+        raise PrepareError(
+            f"{items[failed.value].path}: writing failed at this image although it passed validation "
+            "(did the file change during prepare? any traceback is printed above); re-run prepare"
+        )
+
+
+def count_jpeg(path: Path) -> int:
+    """How many images of a beton are stored as JPEG (the rest are raw pixels)."""
+    from ffcv.reader import Reader
+
+    modes = Reader(str(path)).metadata["f0"]["mode"]  # f0: the image field, written first
+    return int((modes == 0).sum())  # ffcv's IMAGE_MODES: 0 = jpg, 1 = raw
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def input_fingerprint(scan: ImageNetScan) -> str:
+    """Digest of every input file's path, size and mtime (hashing ImageNet's content takes too long)."""
+    digest = hashlib.sha256()
+    for item in scan.train + scan.val:
+        _add_file(digest, item.path, scan.root, f"{item.label}")
+    for path in scan.label_files:
+        _add_file(digest, path, scan.root, "labels")
+    return digest.hexdigest()
+
+
+def _add_file(digest, path: Path, root: Path, tag: str) -> None:
+    stat = path.stat()
+    digest.update(f"{tag}\t{path.relative_to(root) if path.is_relative_to(root) else path}"
+                  f"\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+
+
+def is_prepared(out: Path, expected: dict) -> bool:
+    """The manifest says these inputs and settings were written, and every output matches its sha256."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if any(manifest.get(key) != value for key, value in expected.items()):
+        return False
+    recorded = manifest.get("sha256", {})
+    return all((out / name).is_file() and recorded.get(name) == sha256(out / name) for name in OUTPUTS)
+
+
+def _clear(out: Path) -> None:
+    """Remove the done marker first, then old outputs and temp files a killed run left behind."""
+    for name in (MANIFEST,) + OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+        for stale in out.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- the stage
+
+def imagenet_root(params: dict) -> Path:
+    """`data.imagenet_dir`, or the embedded dataset that `python -m pipeline_src.synthetic` writes."""
+    given = params["data"]["imagenet_dir"]
+    if given is not None:
+        root = Path(given)
+        if not root.is_dir():
+            raise PrepareError(
+                f"data.imagenet_dir = {given}: no such folder; point it at the folder holding train/ and val/"
+            )
+        return root
+    root = Path(params["paths"]["data"]) / "synthetic" / "imagenet"
+    if not root.is_dir():
+        raise PrepareError(
+            f"{root}: embedded dataset not found; run `python -m pipeline_src.synthetic` first, "
+            "or set data.imagenet_dir to an ILSVRC2012 folder"
+        )
+    return root
+
+
+def _settings(params: dict) -> dict:
+    return {**params["prepare"], "on_corrupt": params["data"]["on_corrupt"]}
+
+
+def _check_images(scan: ImageNetScan, settings: dict) -> list[dict]:
+    """Decode every image; raise listing all bad ones, or drop them from `scan` and return them."""
+    items = scan.train + scan.val
+    bad = find_bad_images([i.path for i in items], settings["num_workers"], settings["max_resolution"])
+    if not bad:
+        return []
+    lines = "\n".join(f"  {path}: {reason}" for path, reason in bad)
+    if settings["on_corrupt"] == "error":
+        raise PrepareError(
+            f"{len(bad)} unreadable image file(s) under {scan.root}:\n{lines}\n"
+            "Replace or delete them, or set data.on_corrupt=skip to leave them out "
+            "(they are then listed in manifest.json)."
+        )
+    print(f"prepare: skipping {len(bad)} unreadable image file(s) (data.on_corrupt=skip):\n{lines}")
+    dropped = {path for path, _ in bad}
+    scan.train = [i for i in scan.train if i.path not in dropped]
+    scan.val = [i for i in scan.val if i.path not in dropped]
+    missing = sorted(set(scan.wnids) - {scan.wnids[i.label] for i in scan.train})
+    if missing:
+        raise PrepareError(f"{scan.root / 'train'}: class(es) {missing} have no readable images left")
+    if not scan.val:
+        raise PrepareError(f"{scan.root / 'val'}: no readable images left")
+    return [{"file": str(path.relative_to(scan.root)), "reason": reason} for path, reason in bad]
+
+
+def _split_summary(items: list[Item], wnids: list[str], beton: Path) -> dict:
+    counts = np.bincount([i.label for i in items], minlength=len(wnids))
+    return {"images": len(items), "jpeg_encoded": count_jpeg(beton),
+            "per_class": {w: int(n) for w, n in zip(wnids, counts)}}
+
+
+def _software() -> dict:
+    return {name: version(name) for name in ("ffcv", "pillow", "opencv-python", "numpy")}
+
+
+def _write_outputs(scan: ImageNetScan, out: Path, settings: dict) -> None:
+    classes = {"wnids": scan.wnids, "names": scan.names}
+    with atomic_path(out / "classes.json") as classes_tmp, \
+            atomic_path(out / "train.beton") as train_tmp, atomic_path(out / "val.beton") as val_tmp:
+        classes_tmp.write_text(json.dumps(classes, indent=2) + "\n")
+        for split, tmp in (("train", train_tmp), ("val", val_tmp)):
+            items = getattr(scan, split)
+            start = time.perf_counter()
+            write_beton(tmp, items, settings)
+            print(f"prepare: wrote {split}.beton: {len(items)} images in {time.perf_counter() - start:.1f} s")
+
+
+def prepare(params: dict) -> Path:
+    """Write the betons of `data.imagenet_dir` (or the embedded data) to `<paths.data>/betons/`."""
+    settings = _settings(params)
+    root = imagenet_root(params)
+    out = Path(params["paths"]["data"]) / "betons"
+    scan = scan_imagenet(root)
+    expected = {"source": str(root), "inputs": input_fingerprint(scan), "settings": settings}
+    if is_prepared(out, expected):
+        print(f"prepare: {out} is up to date (inputs, settings and checksums match {MANIFEST}); "
+              "nothing to do")
+        return out
+    skipped = _check_images(scan, settings)
+    out.mkdir(parents=True, exist_ok=True)
+    _clear(out)
+    _write_outputs(scan, out, settings)
+    manifest = {
+        **expected,
+        "classes": len(scan.wnids),
+        "splits": {s: _split_summary(getattr(scan, s), scan.wnids, out / f"{s}.beton") for s in SPLITS},
+        "sha256": {name: sha256(out / name) for name in OUTPUTS},
+        "skipped": skipped,
+        "software": _software(),
+    }
+    write_json(out / MANIFEST, manifest)
+    print(f"prepare: {out}: {len(scan.train)} train, {len(scan.val)} val images, {len(scan.wnids)} classes")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="ILSVRC2012 folders -> FFCV betons + manifest")
+    P.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        prepare(P.from_args(args))
+    except (PrepareError, P.ParamsError) as exc:
+        print(f"prepare: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,456 @@
+"""prepare: ILSVRC2012 folders -> betons. Round trip through an ffcv Loader, awkward and broken files,
+both val layouts, layout errors, byte-identical output, skip on re-run, and a SIGKILL mid-write."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline_src import params as P
+from pipeline_src import prepare as prep
+
+ROOT = Path(__file__).resolve().parents[1]
+SIDE = 32  # every test image is SIDE x SIDE, below max_resolution, so SimpleRGBImageDecoder reads it whole
+WNIDS = ["n00000001", "n00000002", "n00000003"]
+RED, GREY, GREEN, BLUE = (255, 0, 0), (128, 128, 128), (0, 200, 0), (0, 0, 255)
+
+
+# ---------------------------------------------------------------- building folders
+
+
+def _colour(label: int, k: int) -> tuple[int, int, int]:
+    """A colour per (class, image) far enough from the others to identify each image after JPEG."""
+    return 30 + 70 * label, 40 + 40 * k, 220 - 40 * k
+
+
+def _save(path: Path, colour, mode: str = "RGB", fmt: str = "JPEG") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, (SIDE, SIDE), colour).save(path, format=fmt, quality=95)
+
+
+def _noise(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="JPEG", quality=90)
+
+
+def _junk(path: Path, size: int = 300) -> None:
+    """Bytes no decoder accepts: read by mistake, they would fail validation."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes())
+
+
+def _truncated(path: Path) -> None:
+    _noise(path, 7)
+    path.write_bytes(path.read_bytes()[:-200])
+
+
+def _plain(root: Path, train: int, val: int, wnids=WNIDS[:2]) -> Path:
+    """Class folders of uniformly coloured JPEGs."""
+    for label, wnid in enumerate(wnids):
+        for k in range(train):
+            _save(root / "train" / wnid / f"img{k}.JPEG", _colour(label, k))
+        for k in range(val):
+            _save(root / "val" / wnid / f"img{k}.JPEG", _colour(label, k))
+    return root
+
+
+def _awkward_tree(root: Path) -> dict[str, list[tuple[int, tuple]]]:
+    """Class folders with CMYK, grey, PNG-as-JPEG and RGBA images, dotfiles and non-images.
+
+    Returns split -> [(label, colour)] in the order prepare must write them.
+    """
+    expected: dict[str, list] = {"train": [], "val": []}
+    for label, wnid in enumerate(WNIDS):
+        files = {f"img{k}.JPEG": _colour(label, k) for k in range(3)}
+        for name, colour in files.items():
+            _save(root / "train" / wnid / name, colour)
+        if label == 1:
+            folder = root / "train" / wnid
+            _save(folder / "cmyk.JPEG", (0, 255, 255, 0), mode="CMYK")
+            _save(folder / "grey.JPEG", 128, mode="L")
+            _save(folder / "png_inside.JPEG", GREEN, fmt="PNG")
+            _save(folder / "rgba.png", (0, 0, 255, 128), mode="RGBA", fmt="PNG")
+            files.update({"cmyk.JPEG": RED, "grey.JPEG": GREY, "png_inside.JPEG": GREEN, "rgba.png": BLUE})
+            _junk(folder / ".DS_Store")
+            (folder / "notes.txt").write_text("not an image\n")
+        expected["train"] += [(label, files[name]) for name in sorted(files)]
+        if label != 1:  # val need not hold every class
+            for k in range(2):
+                _save(root / "val" / wnid / f"img{k}.JPEG", _colour(label, k))
+                expected["val"].append((label, _colour(label, k)))
+    _junk(root / "train" / WNIDS[2] / "._img0.JPEG")  # macOS resource fork
+    _junk(root / "train" / ".cache" / "x.JPEG")  # hidden folder, not a class
+    _junk(root / "val" / ".DS_Store")
+    (root / "train" / "README.txt").write_text("ignored\n")
+    return expected
+
+
+# ---------------------------------------------------------------- running the stage
+
+
+def _params_file(tmp_path: Path) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    return path
+
+
+def _sets(data: Path, source: Path | None, *extra: str) -> list[str]:
+    return [f"paths.data={data}", f"data.imagenet_dir={'null' if source is None else source}", *extra]
+
+
+def _load(tmp_path: Path, data: Path, source: Path | None, *extra: str) -> dict:
+    return P.load(_params_file(tmp_path), _sets(data, source, *extra))
+
+
+def _argv(tmp_path: Path, data: Path, source: Path | None, *extra: str) -> list[str]:
+    argv = ["--params", str(_params_file(tmp_path))]
+    for assignment in _sets(data, source, *extra):
+        argv += ["--set", assignment]
+    return argv
+
+
+def _fails(capsys, argv: list[str]) -> str:
+    """Run `main`, require a non-zero exit, return its error message."""
+    assert prep.main(argv) != 0
+    return capsys.readouterr().err
+
+
+def _manifest(betons: Path) -> dict:
+    return json.loads((betons / "manifest.json").read_text())
+
+
+def _labels(beton: Path) -> list[int]:
+    from ffcv.reader import Reader
+
+    return Reader(str(beton)).metadata["f1"].tolist()
+
+
+def _read_back(beton: Path) -> tuple[np.ndarray, np.ndarray]:
+    """All images and labels of a beton, in file order, through ffcv's Loader on the CPU."""
+    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor
+
+    loader = Loader(
+        str(beton), batch_size=16, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
+        pipelines={"image": [SimpleRGBImageDecoder(), ToTensor()], "label": [IntDecoder(), ToTensor()]},
+    )
+    batches = [(images.numpy(), labels.numpy().reshape(-1)) for images, labels in loader]
+    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+
+
+@pytest.fixture(scope="module")
+def awkward(tmp_path_factory):
+    """The awkward tree prepared with the default settings (proportion, 2 workers), read back once."""
+    tmp = tmp_path_factory.mktemp("awkward")
+    expected = _awkward_tree(tmp / "imagenet")
+    betons = prep.prepare(_load(tmp, tmp / "data", tmp / "imagenet"))
+    decoded = {split: _read_back(betons / f"{split}.beton") for split in prep.SPLITS}
+    return betons, expected, decoded
+
+
+@pytest.fixture(scope="module")
+def noise_source(tmp_path_factory) -> Path:
+    """Enough noisy images for two ffcv chunks (>100) in train, so worker races would show."""
+    root = tmp_path_factory.mktemp("noise") / "imagenet"
+    for label, wnid in enumerate(WNIDS[:2]):
+        for k in range(60):
+            _noise(root / "train" / wnid / f"{wnid}_{k}.JPEG", 1000 * label + k)
+        _noise(root / "val" / wnid / "v0.JPEG", 99 + label)
+    return root
+
+
+# ---------------------------------------------------------------- round trip and awkward files
+
+
+def test_round_trip_labels_pixels_and_order(awkward):
+    _, expected, decoded = awkward
+    for split in prep.SPLITS:
+        images, labels = decoded[split]
+        assert labels.tolist() == [label for label, _ in expected[split]]
+        assert images.shape == (len(expected[split]), SIDE, SIDE, 3) and images.dtype == np.uint8
+        means = images.reshape(len(images), -1, 3).mean(axis=1)
+        np.testing.assert_allclose(means, [colour for _, colour in expected[split]], atol=8)
+
+
+def test_awkward_images_become_rgb_with_their_colour(awkward):
+    _, expected, decoded = awkward
+    images, _ = decoded["train"]
+    means = images.reshape(len(images), -1, 3).mean(axis=1)
+    for colour in (RED, GREY, GREEN, BLUE):  # CMYK, L, PNG named .JPEG, RGBA
+        index = [c for _, c in expected["train"]].index(colour)
+        assert np.abs(means[index] - colour).max() < 8, (colour, means[index])
+
+
+def test_classes_json_and_manifest(awkward):
+    betons, expected, _ = awkward
+    assert json.loads((betons / "classes.json").read_text()) == {"wnids": WNIDS, "names": [None] * 3}
+    manifest = _manifest(betons)
+    # the dotfiles, hidden folder and .txt files were not counted (nor read: they are junk bytes)
+    assert manifest["splits"]["train"]["images"] == len(expected["train"]) == 13
+    assert manifest["splits"]["train"]["per_class"] == {WNIDS[0]: 3, WNIDS[1]: 7, WNIDS[2]: 3}
+    assert manifest["splits"]["val"]["per_class"] == {WNIDS[0]: 2, WNIDS[1]: 0, WNIDS[2]: 2}
+    assert manifest["sha256"] == {name: prep.sha256(betons / name) for name in prep.OUTPUTS}
+    defaults = P.load(ROOT / "params.yaml")
+    assert manifest["settings"] == {**defaults["prepare"], "on_corrupt": "error"}
+    assert manifest["skipped"] == []
+    assert 0 < manifest["splits"]["train"]["jpeg_encoded"] < 13  # proportion mode mixes both
+    assert sorted(p.name for p in betons.iterdir()) == sorted(prep.OUTPUTS + (prep.MANIFEST,))
+
+
+# ---------------------------------------------------------------- layouts
+
+
+def test_flat_val_labelled_by_loc_val_solution(tmp_path):
+    root = tmp_path / "imagenet"
+    for label, wnid in enumerate(WNIDS[:2]):
+        _save(root / "train" / wnid / "a.JPEG", _colour(label, 0))
+    val = {"ILSVRC2012_val_00000003": WNIDS[0], "ILSVRC2012_val_00000001": WNIDS[1],
+           "ILSVRC2012_val_00000002": WNIDS[0]}
+    for image_id in val:
+        _save(root / "val" / f"{image_id}.JPEG", GREY)
+    rows = [f"{i},{w} 1 2 30 40 {w} 5 6 20 20" for i, w in val.items()]
+    rows.append(f"ILSVRC2012_val_00000009,{WNIDS[1]} 1 2 3 4")  # listed but absent: fine
+    (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
+
+    betons = prep.prepare(_load(tmp_path, tmp_path / "data", root))
+    # ordered as if sorted into val/<wnid>/ folders: class, then name (_02, _03 | _01)
+    assert _labels(betons / "val.beton") == [0, 0, 1]
+    assert _manifest(betons)["splits"]["val"]["per_class"] == {WNIDS[0]: 2, WNIDS[1]: 1}
+
+
+def test_kaggle_layout_finds_csv_and_names_above_cls_loc(tmp_path):
+    kaggle = tmp_path / "kaggle"
+    root = kaggle / "ILSVRC" / "Data" / "CLS-LOC"
+    _save(root / "train" / WNIDS[1] / "a.JPEG", GREY)
+    _save(root / "train" / WNIDS[0] / "a.JPEG", GREY)
+    _save(root / "val" / "ILSVRC2012_val_00000001.JPEG", GREY)
+    (kaggle / "LOC_val_solution.csv").write_text(
+        f"ImageId,PredictionString\nILSVRC2012_val_00000001,{WNIDS[1]} 1 1 9 9\n")
+    (kaggle / "LOC_synset_mapping.txt").write_text(f"{WNIDS[0]} tench, Tinca tinca\n{WNIDS[1]} goldfish\n")
+    scan = prep.scan_imagenet(root)
+    assert scan.wnids == WNIDS[:2] and scan.names == ["tench, Tinca tinca", "goldfish"]
+    assert [(i.path.name, i.label) for i in scan.val] == [("ILSVRC2012_val_00000001.JPEG", 1)]
+    assert scan.label_files == [kaggle.resolve() / "LOC_val_solution.csv"]
+
+
+def test_embedded_dataset_is_the_default_source(tmp_path):
+    data = tmp_path / "data"
+    _plain(data / "synthetic" / "imagenet", train=2, val=1)
+    betons = prep.prepare(_load(tmp_path, data, None))
+    assert betons == data / "betons"
+    assert _manifest(betons)["source"] == str(data / "synthetic" / "imagenet")
+    assert _labels(betons / "train.beton") == [0, 0, 1, 1]
+
+
+def _empty_class(root: Path) -> str:
+    _plain(root, train=1, val=1)
+    (root / "train" / "n00000009").mkdir()
+    _junk(root / "train" / "n00000009" / ".DS_Store")
+    return str(root / "train" / "n00000009")
+
+
+def _missing_train(root: Path) -> str:
+    _save(root / "val" / WNIDS[0] / "a.JPEG", GREY)
+    return str(root / "train")
+
+
+def _missing_val(root: Path) -> str:
+    _save(root / "train" / WNIDS[0] / "a.JPEG", GREY)
+    return str(root / "val")
+
+
+def _val_class_not_in_train(root: Path) -> str:
+    _plain(root, train=1, val=1)
+    _save(root / "val" / "n00000042" / "a.JPEG", GREY)
+    return "n00000042"
+
+
+def _flat_val_without_csv(root: Path) -> str:
+    _save(root / "train" / WNIDS[0] / "a.JPEG", GREY)
+    _save(root / "val" / "ILSVRC2012_val_00000001.JPEG", GREY)
+    return "LOC_val_solution.csv"
+
+
+def _flat_val_image_not_in_csv(root: Path) -> str:
+    _save(root / "train" / WNIDS[0] / "a.JPEG", GREY)
+    _save(root / "val" / "ILSVRC2012_val_00000001.JPEG", GREY)
+    _save(root / "val" / "ILSVRC2012_val_00000002.JPEG", GREY)
+    (root / "LOC_val_solution.csv").write_text(
+        f"ImageId,PredictionString\nILSVRC2012_val_00000001,{WNIDS[0]} 1 1 2 2\n")
+    return str(root / "val" / "ILSVRC2012_val_00000002.JPEG")
+
+
+@pytest.mark.parametrize("make, advice", [
+    (_empty_class, "add the images or remove the folder"),
+    (_missing_train, "missing train/ folder"),
+    (_missing_val, "missing val/ folder"),
+    (_val_class_not_in_train, "have no folder in"),
+    (_flat_val_without_csv, "sort the images into val/<wnid>/"),
+    (_flat_val_image_not_in_csv, "add their rows or remove the images"),
+])
+def test_layout_errors_name_the_path_and_the_fix(tmp_path, capsys, make, advice):
+    root = tmp_path / "imagenet"
+    root.mkdir()
+    named = make(root)
+    err = _fails(capsys, _argv(tmp_path, tmp_path / "data", root))
+    assert named in err and advice in err
+    assert not (tmp_path / "data" / "betons").exists()
+
+
+def test_missing_source_folder_says_what_to_do(tmp_path, capsys):
+    err = _fails(capsys, _argv(tmp_path, tmp_path / "data", None))
+    assert str(tmp_path / "data" / "synthetic" / "imagenet") in err
+    assert "python -m pipeline_src.synthetic" in err
+    err = _fails(capsys, _argv(tmp_path, tmp_path / "data", tmp_path / "nowhere"))
+    assert f"data.imagenet_dir = {tmp_path / 'nowhere'}: no such folder" in err
+
+
+# ---------------------------------------------------------------- broken files
+
+
+def _broken_tree(root: Path) -> dict[str, str]:
+    """Good images plus three broken ones; returns path -> a word of the expected reason."""
+    _plain(root, train=2, val=1)
+    bad = {root / "train" / WNIDS[0] / "trunc.JPEG": "truncated",
+           root / "train" / WNIDS[1] / "zero.JPEG": "0 bytes",
+           root / "val" / WNIDS[1] / "junk.JPEG": "cannot identify"}
+    _truncated(next(iter(bad)))
+    list(bad)[1].write_bytes(b"")
+    _junk(list(bad)[2])
+    return {str(p): why for p, why in bad.items()}
+
+
+def test_every_broken_file_is_listed_in_one_error(tmp_path, capsys):
+    bad = _broken_tree(tmp_path / "imagenet")
+    err = _fails(capsys, _argv(tmp_path, tmp_path / "data", tmp_path / "imagenet"))
+    assert "3 unreadable image file(s)" in err and "data.on_corrupt=skip" in err
+    lines = err.splitlines()
+    for path, why in bad.items():
+        assert any(path in line and why in line for line in lines), (path, why, err)
+    assert not (tmp_path / "data" / "betons").exists()  # validated before anything was written
+
+
+def test_on_corrupt_skip_leaves_them_out_and_lists_them(tmp_path):
+    root = tmp_path / "imagenet"
+    bad = _broken_tree(root)
+    betons = prep.prepare(_load(tmp_path, tmp_path / "data", root, "data.on_corrupt=skip"))
+    manifest = _manifest(betons)
+    listed = {str(root / s["file"]): s["reason"] for s in manifest["skipped"]}
+    assert listed.keys() == bad.keys()
+    assert all(why in listed[path] for path, why in bad.items())
+    assert _labels(betons / "train.beton") == [0, 0, 1, 1]
+    assert _labels(betons / "val.beton") == [0, 1]
+
+
+def test_skip_that_empties_a_class_is_an_error(tmp_path, capsys):
+    root = _plain(tmp_path / "imagenet", train=1, val=1)
+    (root / "train" / WNIDS[1] / "img0.JPEG").write_bytes(b"")
+    err = _fails(capsys, _argv(tmp_path, tmp_path / "data", root, "data.on_corrupt=skip"))
+    assert WNIDS[1] in err and "no readable images left" in err
+
+
+@pytest.mark.timeout(120)
+def test_failure_while_writing_is_an_error_not_a_hang(tmp_path):
+    """ffcv's writer waits forever if its worker dies; a file broken after validation must not do that."""
+    good, bad = tmp_path / "good.JPEG", tmp_path / "bad.JPEG"
+    _save(good, GREY)
+    _junk(bad)
+    settings = P.load(ROOT / "params.yaml")["prepare"]
+    with pytest.raises(prep.PrepareError, match="bad.JPEG: writing failed"):
+        items = [prep.Item(good, 0), prep.Item(bad, 1), prep.Item(good, 0)]
+        prep.write_beton(tmp_path / "x.beton", items, settings)
+
+
+# ---------------------------------------------------------------- reproducibility and re-runs
+
+
+def _beton_digests(betons: Path) -> dict[str, str]:
+    return {name: prep.sha256(betons / name) for name in ("train.beton", "val.beton")}
+
+
+@pytest.mark.parametrize("mode", ["raw", "jpg", "proportion"])
+def test_two_prepares_are_byte_identical(tmp_path, noise_source, mode):
+    def run(folder: str, workers: int = 2, seed: int = 0) -> Path:
+        return prep.prepare(_load(tmp_path, tmp_path / folder, noise_source, f"prepare.write_mode={mode}",
+                                  "prepare.compress_probability=0.5", f"prepare.num_workers={workers}",
+                                  f"prepare.seed={seed}"))
+
+    first, second = run("a"), run("b")
+    assert _beton_digests(first) == _beton_digests(second)
+    # data in sample order: the layout does not depend on which process wrote what first
+    from ffcv.reader import Reader
+
+    assert np.all(np.diff(Reader(str(first / "train.beton")).metadata["f0"]["data_ptr"].astype(np.int64)) > 0)
+    jpeg = _manifest(first)["splits"]["train"]["jpeg_encoded"]
+    if mode != "proportion":
+        assert jpeg == (120 if mode == "jpg" else 0)
+        return
+    assert 30 < jpeg < 90
+    assert _beton_digests(run("one-worker", workers=1)) == _beton_digests(first)
+    assert _beton_digests(run("seed-1", seed=1))["train.beton"] != _beton_digests(first)["train.beton"]
+
+
+def test_rerun_is_skipped_unless_settings_or_outputs_changed(tmp_path, capsys):
+    root = _plain(tmp_path / "imagenet", train=2, val=1)
+    params = _load(tmp_path, tmp_path / "data", root)
+    betons = prep.prepare(params)
+    stamps = {p.name: p.stat().st_mtime_ns for p in betons.iterdir()}
+    capsys.readouterr()
+
+    assert prep.prepare(params) == betons
+    assert "up to date" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in betons.iterdir()} == stamps
+
+    with open(betons / "val.beton", "ab") as fh:  # damaged output: written again
+        fh.write(b"\0")
+    prep.prepare(params)
+    assert "up to date" not in capsys.readouterr().out
+    assert _manifest(betons)["sha256"]["val.beton"] == prep.sha256(betons / "val.beton")
+
+    prep.prepare(_load(tmp_path, tmp_path / "data", root, "prepare.jpeg_quality=50"))
+    assert "up to date" not in capsys.readouterr().out
+    assert _manifest(betons)["settings"]["jpeg_quality"] == 50
+
+
+def _shared_memory_of(pid: int) -> list[Path]:
+    """The POSIX shared memory a process maps (ffcv's writer metadata); SIGKILL leaves it behind."""
+    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return sorted({Path(line.split()[-1]) for line in maps if line.split()[-1].startswith("/dev/shm/psm_")})
+
+
+def test_killed_prepare_leaves_nothing_done_and_rerun_completes(tmp_path, noise_source):
+    data = tmp_path / "data"
+    betons = data / "betons"
+    argv = _argv(tmp_path, data, noise_source)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline_src.prepare", *argv], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(p.stat().st_size > 0 for p in betons.glob(".train.beton.*.tmp")):
+            assert proc.poll() is None, "prepare ended before it was killed"
+            assert time.monotonic() < deadline, "prepare never started writing train.beton"
+            time.sleep(0.01)
+        leaked = _shared_memory_of(proc.pid)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the stage and the writer processes it started
+        proc.wait()
+    assert leaked, "ffcv's writer was not running when prepare was killed"
+    for segment in leaked:
+        segment.unlink()
+    assert not (betons / "manifest.json").exists()
+    assert not any((betons / name).exists() for name in prep.OUTPUTS)
+
+    prep.prepare(_load(tmp_path, data, noise_source))
+    manifest = _manifest(betons)
+    assert manifest["splits"]["train"]["images"] == len(_labels(betons / "train.beton")) == 120
+    assert sorted(p.name for p in betons.iterdir()) == sorted(prep.OUTPUTS + (prep.MANIFEST,))
