@@ -1,0 +1,474 @@
+"""The fast loader: augmentation statistics, the two device paths, determinism across resume, hangs.
+
+The random draws are tested on many samples through the pure functions; the loaders are built a
+few times on tiny betons (numba compiles each loader, ~5 s) and checked against those draws.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ffcv.fields import IntField, RGBImageField
+from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
+from ffcv.loader import Loader
+from ffcv.pipeline.operation import Operation
+from ffcv.transforms import ToTensor
+from ffcv.writer import DatasetWriter
+from PIL import Image
+
+from pipeline_src import params as P
+from pipeline_src.loader import LoaderError, draws, gpu, make_train_loader, make_val_loader, measure_throughput
+from pipeline_src.loader import ops as loader_ops
+from pipeline_src.loader.pipelines import Augment, _drain, resolve_device, train_ops
+
+# ffcv 1.0.2 + numba: freeing one loader while another exists makes a numba dispatcher finalizer
+# print a KeyError (plain ffcv does it too); it is harmless, and only that warning is silenced.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")
+
+REPO = Path(__file__).resolve().parents[1]
+BASE_SETS = ["loader.res=32", "loader.val_res=32", "loader.num_workers=2", "train.channels_last=true"]
+BATCH = 32
+N_FLAT, N_GRADIENT, N_TEXTURED = 64, 32, 128
+STRENGTHS = np.array([0.4, 0.4, 0.4, 0.0])
+
+
+@pytest.fixture(autouse=True)
+def collect_loaders():
+    """Free dead loaders inside the test, where the warning filter above applies."""
+    yield
+    gc.collect()
+
+
+def load_params(*sets: str) -> dict:
+    return P.load(REPO / "params.yaml", [*BASE_SETS, *sets])
+
+
+def flat_colour(i: int) -> np.ndarray:
+    """Constant image colours, away from 0 and 255 so the lighting shift never clips."""
+    rng = np.random.default_rng(1000 + i)
+    return rng.integers(60, 190, 3).astype(np.uint8)
+
+
+def gradient(h: int, w: int) -> np.ndarray:
+    """A smooth image: red rises left to right, green top to bottom, blue a slow wave."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    img = np.stack([40 + 170 * x / (w - 1), 40 + 170 * y / (h - 1),
+                    120 + 60 * np.sin(2 * np.pi * (x + y) / (h + w))], axis=-1)
+    return np.round(img).astype(np.uint8)
+
+
+class Images:
+    """A dataset for ffcv's writer: (uint8 HWC image, label = sample index)."""
+
+    def __init__(self, images: list[np.ndarray]):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.images[i], i
+
+
+def write_beton(path: Path, images: list[np.ndarray], mode: str) -> Path:
+    fields = {"image": RGBImageField(write_mode=mode, compress_probability=0.5), "label": IntField()}
+    DatasetWriter(str(path), fields, num_workers=1).from_indexed_dataset(Images(images))
+    return path
+
+
+@pytest.fixture(scope="module")
+def plain_images() -> list[np.ndarray]:
+    """N_FLAT constant images of varied sizes, then N_GRADIENT smooth landscape / portrait images."""
+    flat = [np.broadcast_to(flat_colour(i), (40 + i % 17, 36 + i % 29, 3)).copy() for i in range(N_FLAT)]
+    grad = [gradient(48, 64) if i % 2 else gradient(64, 48) for i in range(N_GRADIENT)]
+    return flat + grad
+
+
+@pytest.fixture(scope="module")
+def plain_beton(tmp_path_factory, plain_images) -> Path:
+    return write_beton(tmp_path_factory.mktemp("betons") / "plain.beton", plain_images, "raw")
+
+
+@pytest.fixture(scope="module")
+def textured_beton(tmp_path_factory) -> Path:
+    """Noisy images of varied sizes, about half stored as JPEG (both decode paths)."""
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(N_TEXTURED):
+        h, w = 40 + (7 * i) % 33, 40 + (11 * i) % 41
+        base = rng.integers(0, 256, (1, 1, 3))
+        images.append(np.clip(base + rng.normal(0, 50, (h, w, 3)), 0, 255).astype(np.uint8))
+    return write_beton(tmp_path_factory.mktemp("betons") / "textured.beton", images, "proportion")
+
+
+def take_epoch(loader, epoch: int, limit: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    loader.set_epoch(epoch)
+    out = []
+    for images, labels in loader:
+        out.append((images.clone(), labels.clone()))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def same_batches(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+
+
+# --------------------------------------------------------------------------- pure draws
+
+
+def key(seed: int, epoch: int, sample: int, stream: int) -> np.uint64:
+    """A sample key as numba's uint64 (a plain Python int above 2**63 would not convert back)."""
+    return np.uint64(draws.sample_key(seed, epoch, sample, stream))
+
+
+def keys(n: int, stream: int, seed: int = 0, epoch: int = 0) -> list[np.uint64]:
+    return [key(seed, epoch, i, stream) for i in range(n)]
+
+
+def test_keys_depend_on_every_input():
+    base = key(0, 0, 0, draws.STREAM_CROP)
+    assert base == key(0, 0, 0, draws.STREAM_CROP)
+    others = {key(1, 0, 0, 1), key(0, 1, 0, 1), key(0, 0, 1, 1),
+              key(0, 0, 0, 2)}
+    assert base not in others and len(others) == 4
+    u = np.array([draws.uniform(k, 0) for k in keys(20000, 9)])
+    assert 0.0 <= u.min() and u.max() < 1.0
+    assert abs(u.mean() - 0.5) < 0.01 and abs(u.var() - 1 / 12) < 0.003
+    z = np.array([draws.normal(k, 1) for k in keys(20000, 9)])
+    assert abs(z.mean()) < 0.03 and abs(z.std() - 1.0) < 0.03
+
+
+@pytest.mark.parametrize("height, width", [(1000, 1000), (600, 900), (900, 500)])
+def test_crop_areas_and_ratios_inside_ranges_and_cover_them(height, width):
+    boxes = np.array([draws.random_crop(k, height, width, 0.08, 1.0, 0.75, 4 / 3) for k in keys(6000, 1)])
+    top, left, h, w = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+    area = h * w / (height * width)
+    ratio = w / h
+    # rounding to whole pixels moves a box by < 0.5 px per side: below 1 % at these sizes
+    assert area.min() >= 0.08 * 0.99 and area.max() <= 1.0
+    assert ratio.min() >= 0.75 * 0.99 and ratio.max() <= 4 / 3 * 1.01
+    best = np.clip(width / height, 0.75, 4 / 3)  # the largest box of an allowed aspect
+    largest = min(width, height * best) * min(height, width / best) / (height * width)
+    assert area.min() < 0.09 and area.max() > 0.97 * largest
+    assert ratio.min() < 0.76 and ratio.max() > 1.31
+    # positions uniform over the free range, not stuck at a corner or the centre
+    for pos, free in ((top, height - h), (left, width - w)):
+        rel = pos[free > 100] / free[free > 100]
+        assert len(rel) > 1000 and abs(rel.mean() - 0.5) < 0.03 and rel.min() < 0.02 and rel.max() > 0.98
+
+
+def test_crop_falls_back_to_a_centred_clamped_box():
+    # 20 x 400: no box of area >= 8 % and aspect <= 4/3 fits the height, so every try fails
+    assert draws.random_crop(key(0, 0, 0, 1), 20, 400, 0.08, 1.0, 0.75, 4 / 3) == (0, 186, 20, 27)
+    assert draws.random_crop(key(0, 0, 0, 1), 64, 64, 1.0, 1.0, 1.0, 1.0) == (0, 0, 64, 64)
+
+
+def test_flip_rate_is_one_half():
+    rate = np.mean([draws.flip_draw(k) for k in keys(20000, draws.STREAM_FLIP)])
+    assert abs(rate - 0.5) < 0.015
+
+
+def test_jitter_factors_inside_range_and_order_random():
+    ks = keys(20000, draws.STREAM_JITTER)
+    f = np.array([draws.jitter_factors(k, STRENGTHS) for k in ks])
+    assert f[:, :3].min() >= 0.6 and f[:, :3].max() <= 1.4
+    assert f[:, :3].min() < 0.61 and f[:, :3].max() > 1.39
+    assert np.abs(f[:, :3].mean(axis=0) - 1.0).max() < 0.01
+    assert (f[:, 3] == 0.0).all()  # hue off
+    orders = [tuple(draws.jitter_order(k, STRENGTHS)) for k in ks]
+    assert {len(o) for o in orders} == {3} and all(sorted(o) == [0, 1, 2] for o in orders)
+    counts = np.array([orders.count(p) for p in set(orders)])
+    assert len(counts) == 6 and np.abs(counts / len(orders) - 1 / 6).max() < 0.02
+    only_contrast = {tuple(draws.jitter_order(k, np.array([0.0, 0.4, 0.0, 0.0]))) for k in ks[:100]}
+    assert only_contrast == {(draws.CONTRAST,)}
+
+
+def test_hue_angle_range():
+    f = np.array([draws.jitter_factors(k, np.array([0.0, 0.0, 0.0, 0.1])) for k in keys(5000, 3)])
+    assert np.abs(f[:, 3]).max() <= 0.1 * np.pi and np.abs(f[:, 3]).max() > 0.099 * np.pi
+    assert (f[:, :3] == 1.0).all()
+
+
+def test_lighting_shift_follows_the_pca_columns_with_alpha_std():
+    shifts = np.array([draws.lighting_shift(k, 0.1, draws.PCA_EIGVAL, draws.PCA_EIGVEC)
+                       for k in keys(20000, draws.STREAM_LIGHTING)])
+    # the eigenvectors are the columns (orthonormal): alpha_k = (eigvec.T @ shift)_k / eigval_k
+    assert np.allclose(draws.PCA_EIGVEC.T @ draws.PCA_EIGVEC, np.eye(3), atol=1e-3)
+    alpha = shifts @ draws.PCA_EIGVEC / draws.PCA_EIGVAL
+    assert np.abs(alpha.std(axis=0) / 0.1 - 1).max() < 0.03
+    assert np.abs(alpha.mean(axis=0)).max() < 0.003
+    assert np.abs(np.corrcoef(alpha.T) - np.eye(3)).max() < 0.03
+    # most of the noise is a change of brightness: along the grey axis, column 0
+    grey = np.ones(3) / np.sqrt(3)
+    assert (shifts @ grey).std() > 5 * np.linalg.norm(shifts - np.outer(shifts @ grey, grey), axis=1).std()
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def random_images(n: int, h: int = 12, w: int = 10, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0, 255, (n, h, w, 3)).astype(np.float32)
+
+
+def numba_colour(images: np.ndarray, op: int, factor: float) -> np.ndarray:
+    out = images.copy()
+    m, beta = np.zeros((1, 3, 3)), np.zeros(1)
+    beta[0] = draws.step_matrix(op, factor, m[0])
+    for img in out:
+        loader_ops.apply_color_steps(img, m, beta, 1)
+    return out
+
+
+def test_colour_steps_are_the_named_adjustments():
+    x = random_images(4)
+    gray = x @ draws.GRAY
+    assert np.allclose(numba_colour(x, draws.BRIGHTNESS, 1.3), np.clip(1.3 * x, 0, 255), atol=1e-3)
+    mean_gray = gray.mean(axis=(1, 2))[:, None, None, None]
+    assert np.allclose(numba_colour(x, draws.CONTRAST, 0.7), np.clip(0.7 * x + 0.3 * mean_gray, 0, 255), atol=1e-3)
+    assert np.allclose(numba_colour(x, draws.SATURATION, 1.2), np.clip(1.2 * x - 0.2 * gray[..., None], 0, 255),
+                       atol=1e-3)
+    assert np.allclose(numba_colour(x, draws.HUE, 0.0), x, atol=1e-3)
+    rotated = numba_colour(np.full((1, 4, 4, 3), [150, 100, 110], np.float32), draws.HUE, 0.5)
+    assert np.allclose(rotated @ draws.GRAY, 150 * 0.299 + 100 * 0.587 + 110 * 0.114, atol=1e-2)  # luma kept
+    assert np.abs(rotated - [150, 100, 110]).max() > 5  # but the colour turns
+
+
+def test_torch_ops_match_the_numba_ops():
+    x = random_images(16)
+    samples = np.arange(16, dtype=np.int64)
+    strengths = np.array([0.4, 0.4, 0.4, 0.1])
+    m, beta, shift = draws.batch_color_draws(5, 2, samples, strengths, 0.1, draws.PCA_EIGVAL, draws.PCA_EIGVEC)
+    expected = np.empty_like(x)
+    for i in range(16):
+        mi, bi = np.zeros((4, 3, 3)), np.zeros(4)
+        steps = draws.color_steps(key(5, 2, i, draws.STREAM_JITTER), strengths, mi, bi)
+        assert steps == 4 and np.array_equal(mi, m[i]) and np.array_equal(bi, beta[i])
+        img = x[i].copy()
+        loader_ops.apply_color_steps(img, mi, bi, steps)
+        loader_ops.apply_shift(img, expected[i], shift[i].astype(np.float32))
+    t = torch.from_numpy(x).permute(0, 3, 1, 2)
+    out = gpu.apply_shift(gpu.apply_color_steps(t, torch.from_numpy(m).float(), torch.from_numpy(beta).float()),
+                          torch.from_numpy(shift).float())
+    assert torch.allclose(out.permute(0, 2, 3, 1), torch.from_numpy(expected), atol=2e-3)
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+@pytest.fixture(scope="module")
+def train_epochs(textured_beton):
+    """Epochs 0, 1 of a seed-0 CPU loader (full augmentation), then epoch 1 again after a break."""
+    loader = make_train_loader(textured_beton, load_params(), BATCH, 0, torch.device("cpu"))
+    first = take_epoch(loader, 0)
+    second = [(x.clone(), y.clone()) for x, y in loader]  # iter() advanced to epoch 1
+    take_epoch(loader, 2, limit=1)  # stop mid-epoch: the pipeline thread must stop cleanly
+    again = take_epoch(loader, 1)
+    yield len(loader), first, second, again
+    del loader  # freed here, not at the end of the session (see pytestmark)
+    gc.collect()
+
+
+@pytest.mark.timeout(120)
+def test_train_batches_shape_dtype_and_coverage(train_epochs):
+    n_batches, first, second, _ = train_epochs
+    assert n_batches == N_TEXTURED // BATCH == len(first) == len(second)
+    for images, labels in first:
+        assert images.shape == (BATCH, 3, 32, 32) and images.dtype == torch.float32
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        assert labels.shape == (BATCH,) and labels.dtype == torch.int64
+        assert torch.isfinite(images).all()
+    labels = torch.cat([y for _, y in first])
+    assert sorted(labels.tolist()) == list(range(N_TEXTURED))  # each sample once per epoch
+    assert not torch.equal(labels, torch.cat([y for _, y in second]))  # reshuffled
+
+
+@pytest.mark.timeout(120)
+def test_epoch_is_the_same_after_an_aborted_epoch(train_epochs):
+    _, _, second, again = train_epochs
+    assert same_batches(second, again)
+
+
+@pytest.mark.timeout(180)
+def test_resume_in_a_fresh_process_gives_the_same_epoch(train_epochs, textured_beton, tmp_path):
+    """A new process that starts at epoch 1 gets epoch 1's batches; another seed does not (and no hang)."""
+    _, _, second, _ = train_epochs
+    out = tmp_path / "epoch1.npz"
+    script = (
+        "import sys, json, numpy as np, torch\n"
+        "from pipeline_src import params as P\n"
+        "from pipeline_src.loader import make_train_loader\n"
+        "p = P.load(sys.argv[3], json.loads(sys.argv[4]))\n"
+        "arrays = {}\n"
+        "for seed in (0, 1):\n"
+        f"    loader = make_train_loader(sys.argv[1], p, {BATCH}, seed, torch.device('cpu'))\n"
+        "    loader.set_epoch(1)\n"
+        "    for b, (x, y) in enumerate(loader):\n"
+        "        arrays[f's{seed}x{b}'] = x.numpy().copy()\n"
+        "        arrays[f's{seed}y{b}'] = y.numpy().copy()\n"
+        "np.savez(sys.argv[2], **arrays)\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(textured_beton), str(out), str(REPO / "params.yaml"),
+                    json.dumps(BASE_SETS)], cwd=REPO, check=True, timeout=170)
+    data = np.load(out)
+    fresh = [(torch.from_numpy(data[f"s0x{b}"]), torch.from_numpy(data[f"s0y{b}"])) for b in range(len(second))]
+    assert same_batches(fresh, second)
+    other = [(torch.from_numpy(data[f"s1x{b}"]), torch.from_numpy(data[f"s1y{b}"])) for b in range(len(second))]
+    assert not any(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(other, second))
+    assert not torch.equal(torch.cat([y for _, y in other]), torch.cat([y for _, y in second]))
+
+
+@pytest.mark.timeout(120)
+def test_device_path_gives_the_worker_path_batches(train_epochs, textured_beton):
+    """The torch ops (gpu.py, here on CPU tensors) draw and compute what the numba workers do."""
+    _, first, _, _ = train_epochs
+    loader = make_train_loader(textured_beton, load_params(), BATCH, 0, torch.device("cpu"), colour_on_device=True)
+    assert loader.device_ops is not None
+    device_path = take_epoch(loader, 0)
+    for (x1, y1), (x2, y2) in zip(first, device_path):
+        assert torch.equal(y1, y2)
+        assert x2.dtype == torch.float32 and x2.is_contiguous(memory_format=torch.channels_last)
+        assert (x1 - x2).abs().max() < 1e-3  # normalized units: 1 grey level is ~0.017
+    stats = measure_throughput(loader, batches=3)
+    assert stats["batches"] == 3 and stats["images"] == 2 * BATCH and stats["images_per_s"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_flip_and_lighting_follow_the_draws_and_jitter_is_left_out(plain_beton, plain_images):
+    """Full-image crops of constant and gradient images: flips and shifts are exactly the drawn ones."""
+    params = load_params("augment.crop_area=[1.0,1.0]", "augment.crop_ratio=[1.0,1.0]", "augment.brightness=0",
+                         "augment.contrast=0", "augment.saturation=0", "loader.drop_last=false",
+                         "loader.order=quasi_random", "loader.os_cache=false")
+    aug = Augment.from_params(params)
+    assert [type(op).__name__ for op in train_ops(aug, loader_ops.EpochState(0), True)] == [
+        "SeededFlip", "PCALighting", "Normalize"]
+    mean, std = np.array(aug.mean), np.array(aug.std)
+    loader = make_train_loader(plain_beton, params, BATCH, 3, torch.device("cpu"))
+    flips, alphas = [], []
+    for epoch in (0, 1):
+        batches = take_epoch(loader, epoch)
+        assert sorted(torch.cat([y for _, y in batches]).tolist()) == list(range(N_FLAT + N_GRADIENT))
+        for images, labels in batches:
+            pixels = images.permute(0, 2, 3, 1).numpy().astype(np.float64) * std + mean  # back to 0-255
+            for img, i in zip(pixels, labels.tolist()):
+                shift = draws.lighting_shift(key(3, epoch, i, draws.STREAM_LIGHTING), 0.1,
+                                             draws.PCA_EIGVAL, draws.PCA_EIGVEC)
+                if i < N_FLAT:
+                    measured = img - plain_images[i][0, 0]
+                    assert np.ptp(measured.reshape(-1, 3), axis=0).max() < 1e-3  # same shift on every pixel
+                    assert np.allclose(measured[0, 0], shift, atol=1e-3)
+                    alphas.append(shift @ draws.PCA_EIGVEC / draws.PCA_EIGVAL)
+                else:
+                    red = img[..., 0].mean(axis=0)
+                    flipped = red[0] > red[-1]
+                    assert flipped == draws.flip_draw(key(3, epoch, i, draws.STREAM_FLIP))
+                    flips.append(flipped)
+    assert len(flips) == 2 * N_GRADIENT and 0.2 < np.mean(flips) < 0.8
+    assert 0.07 < np.std(alphas, axis=0).min() and np.std(alphas, axis=0).max() < 0.13
+
+
+@pytest.mark.timeout(120)
+def test_val_is_normalized_centre_crop_and_deterministic(plain_beton, plain_images):
+    params = load_params()
+    aug = Augment.from_params(params)
+    loader = make_val_loader(plain_beton, params, 40, torch.device("cpu"))
+    passes = [take_epoch(loader, 0), take_epoch(loader, 5)]
+    assert same_batches(*passes)
+    assert [len(y) for _, y in passes[0]] == [40, 40, 16]  # the last, partial batch is kept
+    images = torch.cat([x for x, _ in passes[0]]).permute(0, 2, 3, 1).numpy()
+    assert torch.equal(torch.cat([y for _, y in passes[0]]), torch.arange(N_FLAT + N_GRADIENT))  # in order, all
+    for i in range(N_FLAT):
+        expected = (plain_images[i][0, 0] - np.array(aug.mean)) / np.array(aug.std)
+        assert np.allclose(images[i], expected, atol=1e-5)
+    # the gradients against "shorter side to val_res / ratio, then centre crop val_res", done by PIL
+    # in continuous coordinates: the centred square of side ratio * shorter side, resized to val_res
+    res, ratio = params["loader"]["val_res"], params["loader"]["val_crop_ratio"]
+    for i in range(N_FLAT, N_FLAT + N_GRADIENT):
+        src = Image.fromarray(plain_images[i])
+        side = ratio * min(src.size)
+        x0, y0 = (src.width - side) / 2, (src.height - side) / 2
+        ref = np.asarray(src.resize((res, res), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side)), np.float64)
+        got = images[i] * np.array(aug.std) + np.array(aug.mean)
+        err = np.abs(got - ref)
+        assert err.mean() < 0.5 and err.max() < 1.5  # a box off by one source pixel errs by ~2.7 levels
+
+
+# --------------------------------------------------------------------------- failures
+
+
+class _Boom(Operation):
+    """A torch-side op that fails inside ffcv's pipeline thread."""
+
+    def generate_code(self):
+        def boom(labels, _):
+            raise RuntimeError("boom (expected by the test)")
+
+        return boom
+
+    def declare_state_and_memory(self, previous_state):
+        return previous_state, None
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_pipeline_thread_raises_instead_of_hanging(plain_beton):
+    loader = Loader(str(plain_beton), batch_size=8, num_workers=1,
+                    pipelines={"image": None, "label": [IntDecoder(), ToTensor(), _Boom()]})
+    with pytest.raises(LoaderError, match="pipeline thread stopped"):
+        for _ in _drain(iter(loader)):
+            pass
+
+
+@pytest.mark.timeout(60)
+def test_numba_op_after_totensor_is_an_error_not_a_hang(plain_beton):
+    # ffcv 1.0.2's graph loops forever when a numba op follows a torch op; ours refuse first
+    pipeline = [CenterCropRGBImageDecoder((16, 16), ratio=1.0), ToTensor(), loader_ops.Normalize((0, 0, 0), (1, 1, 1))]
+    with pytest.raises(ValueError, match="before ToTensor"):
+        Loader(str(plain_beton), batch_size=8, num_workers=1, pipelines={"image": pipeline})
+
+
+def test_ops_are_left_out_when_switched_off():
+    params = load_params("augment.flip=false", "augment.brightness=0", "augment.contrast=0",
+                         "augment.saturation=0", "augment.lighting_std=0")
+    state = loader_ops.EpochState(0)
+    assert [type(op).__name__ for op in train_ops(Augment.from_params(params), state, True)] == ["Normalize"]
+    assert train_ops(Augment.from_params(params), state, False) == []
+    full = Augment.from_params(load_params("augment.hue=0.1"))
+    assert [type(op).__name__ for op in train_ops(full, state, True)] == [
+        "SeededFlip", "ColorJitter", "PCALighting", "Normalize"]
+    assert [type(op).__name__ for op in train_ops(full, state, False)] == ["SeededFlip"]
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, plain_beton, monkeypatch):
+    params = load_params()
+    with pytest.raises(LoaderError, match="missing.beton: beton not found"):
+        make_train_loader(tmp_path / "missing.beton", params, 8, 0, torch.device("cpu"))
+    junk = tmp_path / "junk.beton"
+    junk.write_bytes(b"not a beton")
+    with pytest.raises(LoaderError, match="not a readable ffcv beton"):
+        make_val_loader(junk, params, 8, torch.device("cpu"))
+    no_label = tmp_path / "nolabel.beton"
+    DatasetWriter(str(no_label), {"image": RGBImageField(), "y": IntField()}, num_workers=1).from_indexed_dataset(
+        Images([np.zeros((8, 8, 3), np.uint8)] * 2))
+    with pytest.raises(LoaderError, match="needs field 'label'"):
+        make_val_loader(no_label, params, 8, torch.device("cpu"))
+    with pytest.raises(LoaderError, match="give no batch of 512"):
+        make_train_loader(plain_beton, params, 512, 0, torch.device("cpu"))
+    with pytest.raises(LoaderError, match="quasi_random"):
+        make_train_loader(plain_beton, load_params("loader.order=quasi_random"), 8, 0, torch.device("cpu"),
+                          distributed=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(LoaderError, match="no CUDA device"):
+        make_train_loader(plain_beton, params, 8, 0, torch.device("cuda"))
+    with pytest.raises(LoaderError, match="loader.device"):
+        resolve_device(load_params("loader.device=cuda"))
+    assert resolve_device(load_params("loader.device=auto")) == torch.device("cpu")
