@@ -255,6 +255,11 @@ def _check_leaf(spec: Spec, value: Any, path: tuple[str, ...], src: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ParamsError(f"{where} must be an integer, got {value!r}")
     elif kind == "float":
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamsError(f"{where} must be a number, got {value!r}")
         value = float(value)

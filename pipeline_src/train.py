@@ -1,7 +1,9 @@
 """Stage: train one named run of params.yaml for one seed.
 
     python -m pipeline_src.train --run baseline --seed 0 [--params FILE] [--set key=value ...]
-    torchrun --nproc_per_node 2 -m pipeline_src.train --run efficient      # DDP (NCCL / gloo)
+    torchrun --nproc_per_node 2 -m pipeline_src.train -- --run efficient   # DDP (NCCL / gloo)
+
+(The `--` keeps torchrun's own parser from reading `--run` as an abbreviation of its `--run-path`.)
 
 The loop below is the paper's recipe with every trick a switch: linear scaling, warmup, zero gamma,
 no bias decay, mixed precision, step / cosine decay, label smoothing, mixup and distillation.
@@ -13,16 +15,16 @@ import argparse
 import hashlib
 import json
 import os
+import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline_src import checkpoint, params as P, tracking
+from pipeline_src import checkpoint, distributed, params as P, tracking
 from pipeline_src.io import write_json
 from pipeline_src.loader import make_train_loader, make_val_loader
 from pipeline_src.models import build_model
@@ -37,17 +39,6 @@ from pipeline_src.tricks.no_bias_decay import param_groups
 
 class NonFiniteLoss(RuntimeError):
     """Training diverged; the last good checkpoint is kept for inspection or a restart."""
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
 
 def run_dir(params: dict, run: str, seed: int) -> Path:
@@ -69,16 +60,6 @@ def is_finished(out: Path, recipe: str | None = None) -> bool:
     if not (metrics.is_file() and (out / "model.pt").is_file()):
         return False
     return recipe is None or json.loads(metrics.read_text()).get("recipe") == recipe
-
-
-def setup_distributed(device_kind: str) -> Dist:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on GPUs, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    backend = "nccl" if device_kind == "cuda" else "gloo"
-    dist.init_process_group(backend=backend)
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:
@@ -197,7 +178,7 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
         print(f"{out}: already finished with these params, skipping (delete it to re-train)")
         return json.loads((out / "metrics.json").read_text())
     train_cfg = cfg["train"]
-    ddp = setup_distributed("cuda" if cfg["loader"]["device"] != "cpu" and torch.cuda.is_available() else "cpu")
+    ddp = distributed.setup(cfg["loader"]["device"] != "cpu" and torch.cuda.is_available())
     device = pick_device(cfg["loader"]["device"], ddp.local_rank)
     if train_cfg["batch_size"] % ddp.world:
         raise SystemExit(f"train.batch_size {train_cfg['batch_size']} is not divisible by {ddp.world} processes")
@@ -207,7 +188,7 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
 
     model = build_model(cfg["model"], num_classes)
     if train_cfg["sync_bn"] and ddp.world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = distributed.sync_batchnorm(model, device)
     model = model.to(device)
     if train_cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
@@ -283,7 +264,7 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
         metrics = {
             "top1": final["top1"], "top5": final["top5"], "val_loss": final["val_loss"],
             "train_loss": history[-1]["train_loss"],
-            "images_per_s": sum(h["images_per_s"] for h in history) / len(history),
+            "images_per_s": statistics.median(h["images_per_s"] for h in history),  # robust to warm-up
             "wall_time_s": sum(h["epoch_time_s"] for h in history), "recipe": recipe,
         }
         checkpoint.save_final_model(out / "model.pt", model.state_dict(), {
@@ -332,8 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 3
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.teardown()
     return 0
 
 

@@ -61,7 +61,9 @@ def test_wrong_values_are_rejected(key, value, pattern):
 
 
 def test_set_overrides_and_is_validated():
-    params = P.load(ROOT / "params.yaml", ["train.epochs=3", "data.imagenet_dir=/x/y", "augment.flip=false"])
+    params = P.load(ROOT / "params.yaml", ["train.epochs=3", "data.imagenet_dir=/x/y", "augment.flip=false",
+                                           "train.weight_decay=5e-5"])
+    assert params["train"]["weight_decay"] == 5e-5
     assert params["train"]["epochs"] == 3
     assert params["data"]["imagenet_dir"] == "/x/y"
     assert params["augment"]["flip"] is False

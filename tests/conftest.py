@@ -1,0 +1,55 @@
+"""Shared fixtures: a micro profile of params.yaml and tiny prepared data, made once per session."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The micro profile: the default params.yaml shrunk so that a whole run takes seconds on 2 cores.
+MICRO = {
+    "synthetic": {"classes": 4, "train_per_class": 24, "val_per_class": 8, "min_size": 32, "max_size": 48,
+                  "voc_trainval": 8, "voc_test": 4, "ade_train": 8, "ade_val": 4, "scene_size": [64, 80]},
+    "prepare": {"max_resolution": 48, "num_workers": 1},
+    "loader": {"num_workers": 1, "res": 24, "val_res": 24},
+    "model": {"width": 0.125},
+    "train": {"epochs": 2, "batch_size": 16, "base_batch": 16, "step_milestones": [1]},
+    "tricks": {"large_batch": {"train.batch_size": 32, "train.linear_scaling": True},
+               "warmup": {"train.warmup_epochs": 1}, "mixup": {"train.mixup_alpha": 0.2, "train.epochs": 3}},
+    "sanity": {"overfit_steps": 60, "lr_range_steps": 12},
+}
+
+
+def write_micro_params(tmp: Path, extra: dict | None = None) -> Path:
+    """A complete params file for the micro profile with every path inside `tmp`."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    changes = {
+        **MICRO,
+        "profile": {"name": "micro", "description": "test micro profile"},
+        "paths": {"data": str(tmp / "data"), "runs": str(tmp / "data" / "runs"), "reports": str(tmp / "reports")},
+        "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}"},
+        **(extra or {}),
+    }
+    for section, values in changes.items():
+        raw[section].update(values)
+    raw["runs"]["teacher"]["set"] = {"model.width": 0.25}
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def micro(tmp_path_factory) -> Path:
+    """Micro params with the synthetic data generated and prepared into betons (shared, read-only)."""
+    from pipeline_src import params as P
+    from pipeline_src.prepare import prepare
+    from pipeline_src.synthetic import generate_imagenet
+
+    tmp = tmp_path_factory.mktemp("micro")
+    path = write_micro_params(tmp)
+    params = P.load(path)
+    generate_imagenet(Path(params["paths"]["data"]) / "synthetic", params["synthetic"])
+    prepare(params)
+    return path
