@@ -40,3 +40,8 @@ rule ablations:
         f"{REPORTS}/report.md",
     shell:
         f"{PY}.report {ARGS}"
+
+
+onsuccess:
+    # Record every output in dvc.lock (and the DVC cache), so that `dvc status` agrees afterwards.
+    shell("dvc commit --force --quiet")

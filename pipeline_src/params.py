@@ -170,6 +170,7 @@ SCHEMA: dict[str, Any] = {
         "mixup_alpha": _float(0.0),
         "distill": _bool(),
         "precision": _str(["fp32", "amp"]),
+        "cpu_amp": _str(["bf16", "native_only"]),
         "channels_last": _bool(),
         "compile": _bool(),
         "sync_bn": _bool(),

@@ -44,7 +44,7 @@ def import_teacher(cfg: dict, seed: int) -> dict:
                          f"{str(exc).splitlines()[0]}") from exc
     device = torch.device("cpu")
     val = make_val_loader(betons_dir(cfg) / "val.beton", cfg, cfg["train"]["batch_size"], device)
-    scores = evaluate(model, val, cfg, device, len(wnids), keep_gaps=True)
+    scores = evaluate(model, val, cfg, device, "fp32", len(wnids), keep_gaps=True)
     out = run_dir(cfg, cfg["run"]["name"], seed)
     metrics = {"top1": scores["top1"], "top5": scores["top5"], "val_loss": scores["val_loss"],
                "source": str(source)}

@@ -32,7 +32,7 @@ from pipeline_src.tricks.distillation import distillation_loss
 from pipeline_src.tricks.label_smoothing import smooth_targets, soft_target_cross_entropy
 from pipeline_src.tricks.linear_scaling import scaled_lr
 from pipeline_src.tricks.lr_schedule import build_scheduler
-from pipeline_src.tricks.mixed_precision import autocast_context, make_grad_scaler
+from pipeline_src.tricks.mixed_precision import autocast_context, effective_precision, make_grad_scaler
 from pipeline_src.tricks.mixup import mixup
 from pipeline_src.tricks.no_bias_decay import param_groups
 
@@ -98,7 +98,7 @@ def build_optimizer(model: nn.Module, cfg: dict, lr: float) -> torch.optim.Optim
     return torch.optim.SGD(groups, lr=lr, momentum=cfg["momentum"], nesterov=cfg["nesterov"])
 
 
-def train_one_epoch(model, teacher, loader, optimizer, scheduler, scaler, cfg: dict, device,
+def train_one_epoch(model, teacher, loader, optimizer, scheduler, scaler, cfg: dict, device, precision: str,
                     num_classes: int, mix_gen: torch.Generator, epoch: int, ckpt: Path) -> tuple[dict, list]:
     """One pass over the train beton; also samples the LR ~20 times for the schedule plot."""
     train, distill = cfg["train"], cfg["distill"]
@@ -114,7 +114,7 @@ def train_one_epoch(model, teacher, loader, optimizer, scheduler, scaler, cfg: d
         targets = smooth_targets(labels, num_classes, train["label_smoothing"])
         if train["mixup_alpha"] > 0:
             images, targets, _ = mixup(images, targets, train["mixup_alpha"], mix_gen)
-        with autocast_context(device, train["precision"]):
+        with autocast_context(device, precision):
             logits = model(images)
             if teacher is not None:
                 with torch.no_grad():
@@ -139,7 +139,7 @@ def train_one_epoch(model, teacher, loader, optimizer, scheduler, scaler, cfg: d
 
 
 @torch.no_grad()
-def evaluate(model, loader, cfg: dict, device, num_classes: int, keep_gaps: bool = False) -> dict:
+def evaluate(model, loader, cfg: dict, device, precision: str, num_classes: int, keep_gaps: bool = False) -> dict:
     """Top-1 / top-5 / loss on the val beton; optionally the logit gaps of the paper's Figure 4."""
     model.eval()
     correct1 = correct5 = seen = 0
@@ -148,7 +148,7 @@ def evaluate(model, loader, cfg: dict, device, num_classes: int, keep_gaps: bool
     for images, labels in loader:
         if cfg["train"]["channels_last"]:
             images = images.contiguous(memory_format=torch.channels_last)
-        with autocast_context(device, cfg["train"]["precision"]):
+        with autocast_context(device, precision):
             logits = model(images)
         logits = logits.float()
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
@@ -206,7 +206,11 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
         warmup_epochs=train_cfg["warmup_epochs"], schedule=train_cfg["schedule"],
         milestones=train_cfg["step_milestones"], gamma=train_cfg["step_gamma"],
     )
-    scaler = make_grad_scaler(device, train_cfg["precision"])
+    precision = effective_precision(device, train_cfg["precision"], train_cfg["cpu_amp"])
+    if precision != train_cfg["precision"] and ddp.main:
+        print(f"train.precision is amp but this CPU has no native bf16 and train.cpu_amp is native_only: "
+              "training in fp32 (set train.cpu_amp=bf16 to force bf16)")
+    scaler = make_grad_scaler(device, precision)
     mix_gen = torch.Generator().manual_seed(seed)
 
     ckpt = out / "last.pt"
@@ -232,7 +236,8 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
     net = model if ddp.world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     compiled = torch.compile(net) if train_cfg["compile"] else net
-    tags = {"run": run, "seed": str(seed), "profile": cfg["profile"]["name"], **beton_tags(betons)}
+    tags = {"run": run, "seed": str(seed), "profile": cfg["profile"]["name"], "precision_effective": precision,
+            **beton_tags(betons)}
     tracker = tracking.start_run(cfg, run, seed, tags, enabled=ddp.main, resume=state is not None)
     with tracker:
         for epoch in range(start_epoch, train_cfg["epochs"]):
@@ -243,7 +248,7 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
                                     device, num_classes, mix_gen, epoch, ckpt)
             last = epoch == train_cfg["epochs"] - 1
             if last or (epoch + 1) % train_cfg["eval_every"] == 0:
-                stats.update(evaluate(model, val_loader, cfg, device, num_classes))
+                stats.update(evaluate(model, val_loader, cfg, device, precision, num_classes))
             stats.update(epoch=epoch, lr=lr_now, images_per_s=stats["images_per_s"] * ddp.world,
                          epoch_time_s=time.perf_counter() - epoch_start)
             history.append(stats)
@@ -258,7 +263,7 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
                     "epoch": epoch, "history": json.dumps(history), "lr_curve": json.dumps(lr_curve),
                     "recipe": recipe,
                 })
-        final = evaluate(model, val_loader, cfg, device, num_classes, keep_gaps=True)
+        final = evaluate(model, val_loader, cfg, device, precision, num_classes, keep_gaps=True)
         if not ddp.main:
             return None
         metrics = {
@@ -266,6 +271,7 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
             "train_loss": history[-1]["train_loss"],
             "images_per_s": statistics.median(h["images_per_s"] for h in history),  # robust to warm-up
             "wall_time_s": sum(h["epoch_time_s"] for h in history), "recipe": recipe,
+            "precision": precision,
         }
         checkpoint.save_final_model(out / "model.pt", model.state_dict(), {
             "run": run, "seed": seed, "model": cfg["model"], "num_classes": num_classes, "wnids": wnids,
@@ -275,7 +281,7 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
                                           "logit_gaps": final["logit_gaps"],
                                           "label_smoothing": train_cfg["label_smoothing"]})
         write_json(out / "metrics.json", metrics)
-        tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if k != "recipe"},
+        tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if k not in ("recipe", "precision")},
                             step=train_cfg["epochs"])
         tracker.log_artifact(out / "history.json")
     ckpt.unlink(missing_ok=True)  # model.pt holds the weights now; the resume state is spent

@@ -15,7 +15,7 @@ MICRO = {
     "prepare": {"max_resolution": 48, "num_workers": 1},
     "loader": {"num_workers": 1, "res": 24, "val_res": 24},
     "model": {"width": 0.125},
-    "train": {"epochs": 2, "batch_size": 16, "base_batch": 16, "step_milestones": [1]},
+    "train": {"epochs": 2, "batch_size": 16, "base_batch": 16, "step_milestones": [1], "cpu_amp": "bf16"},
     "tricks": {"large_batch": {"train.batch_size": 32, "train.linear_scaling": True},
                "warmup": {"train.warmup_epochs": 1}, "mixup": {"train.mixup_alpha": 0.2, "train.epochs": 3}},
     "sanity": {"overfit_steps": 60, "lr_range_steps": 12},

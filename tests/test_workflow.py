@@ -14,7 +14,7 @@ DVC_TO_SNAKEMAKE = {"train": "train", "distill": "train", "single": "train", "lo
 def snakemake_jobs(*targets: str) -> dict[str, tuple[str, set[str]]]:
     """output file -> (rule, input files), parsed from a dry run of the targets."""
     out = subprocess.run(
-        [BIN / "snakemake", "--cores", "1", "-n", *targets], cwd=ROOT, capture_output=True, text=True, check=True
+        [BIN / "snakemake", "--cores", "1", "-n", "--forceall", *targets], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
     jobs: dict[str, tuple[str, set[str]]] = {}
     for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):

@@ -7,6 +7,7 @@ fp32:        no autocast, disabled scaler. Nothing here touches CUDA when the de
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import ContextManager
 
 import torch
@@ -38,3 +39,19 @@ def make_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScal
     """A GradScaler enabled only for fp16 (CUDA amp); elsewhere a disabled one that passes through."""
     enabled = autocast_dtype(device, precision) == torch.float16
     return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: without them bf16 convolutions are emulated, several times slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def effective_precision(device: torch.device, precision: str, cpu_amp: str) -> str:
+    """The precision a run really uses: `train.cpu_amp: native_only` keeps CPUs without bf16 at fp32."""
+    if precision == "amp" and device.type == "cpu" and cpu_amp == "native_only" and not cpu_has_native_bf16():
+        return "fp32"
+    return precision

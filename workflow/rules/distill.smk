@@ -17,7 +17,7 @@ rule teacher:
         teacher=config["teacher"],
     resources:
         gpu=1,
-    threads: workflow.cores
+    threads: config["loader"]["num_workers"]
     shell:
         f"{PY}.teacher {ARGS} --seed {{wildcards.seed}}"
 

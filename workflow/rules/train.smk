@@ -30,6 +30,6 @@ rule train:
         seed=r"\d+",
     resources:
         gpu=1,
-    threads: workflow.cores
+    threads: config["loader"]["num_workers"]
     shell:
         f"{PY}.train {ARGS} --run {{wildcards.run}} --seed {{wildcards.seed}}"
