@@ -245,7 +245,7 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
             lr_now = optimizer.param_groups[0]["lr"]
             epoch_start = time.perf_counter()
             stats, lr_points = train_one_epoch(compiled, teacher, train_loader, optimizer, scheduler, scaler, cfg,
-                                    device, num_classes, mix_gen, epoch, ckpt)
+                                               device, precision, num_classes, mix_gen, epoch, ckpt)
             last = epoch == train_cfg["epochs"] - 1
             if last or (epoch + 1) % train_cfg["eval_every"] == 0:
                 stats.update(evaluate(model, val_loader, cfg, device, precision, num_classes))
