@@ -92,8 +92,10 @@ def lr_range(cfg: dict, seed: int) -> dict:
         best = min(best, smooth)
         if not math.isfinite(smooth) or smooth > 4 * best:
             break
-    # Suggest the LR of the steepest descent of the smoothed loss (a common, robust choice).
-    slopes = [(losses[i + 1] - losses[i]) / (math.log(lrs[i + 1]) - math.log(lrs[i])) for i in range(len(lrs) - 1)]
+    # Suggest the LR of the steepest descent of the smoothed loss before its minimum (past the
+    # minimum the loss may fall again only because training has already blown up).
+    end = losses.index(best)
+    slopes = [(losses[i + 1] - losses[i]) / (math.log(lrs[i + 1]) - math.log(lrs[i])) for i in range(end)]
     steepest = min(range(len(slopes)), key=slopes.__getitem__) if slopes else 0
     return {"lrs": lrs, "losses": losses, "suggested_lr": lrs[steepest], "min_loss_lr": lrs[losses.index(best)]}
 

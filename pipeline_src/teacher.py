@@ -17,7 +17,7 @@ from pipeline_src import checkpoint, params as P, tracking
 from pipeline_src.io import write_json
 from pipeline_src.loader import make_val_loader
 from pipeline_src.models import build_model
-from pipeline_src.train import betons_dir, evaluate, is_finished, read_classes, run_dir, train
+from pipeline_src.train import betons_dir, evaluate, read_classes, run_dir, train
 
 
 def import_teacher(cfg: dict, seed: int) -> dict:
@@ -33,9 +33,12 @@ def import_teacher(cfg: dict, seed: int) -> dict:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs params {b!r}" for k, (a, b) in mismatched.items())
         raise SystemExit(f"{source}: teacher architecture does not match run '{cfg['run']['name']}' ({detail}); "
                          "fix the runs.<teacher>.set / model keys or point teacher.checkpoint elsewhere")
-    if meta.get("num_classes") not in (None, len(wnids)):
+    if meta["num_classes"] != len(wnids):
         raise SystemExit(f"{source}: teacher has {meta['num_classes']} classes but the betons have {len(wnids)}; "
                          "a teacher must be trained on the same classes as its students")
+    if meta["wnids"] != wnids:
+        raise SystemExit(f"{source}: teacher classes {meta['wnids']} differ from {betons_dir(cfg) / 'classes.json'} "
+                         f"{wnids}; a teacher must be trained on the same classes, in the same order, as its students")
     model = build_model({**expected, "zero_gamma": False}, len(wnids))
     try:
         model.load_state_dict(state)
@@ -50,7 +53,7 @@ def import_teacher(cfg: dict, seed: int) -> dict:
                "source": str(source)}
     tags = {"run": cfg["run"]["name"], "seed": str(seed), "profile": cfg["profile"]["name"],
             "teacher_source": str(source)}
-    with tracking.start_run(cfg, cfg["run"]["name"], seed, tags) as tracker:
+    with tracking.start_run(cfg, cfg["run"]["name"], seed, tags, resume=False) as tracker:
         tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if k != "source"}, step=0)
     checkpoint.save_final_model(out / "model.pt", model.state_dict(), {
         "run": cfg["run"]["name"], "seed": seed, "model": expected, "num_classes": len(wnids), "wnids": wnids,
@@ -74,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     seed = params["study"]["seeds"][0] if args.seed is None else args.seed
-    out = run_dir(cfg, cfg["run"]["name"], seed)
-    if params["teacher"]["checkpoint"] and not is_finished(out):
+    if params["teacher"]["checkpoint"]:  # always re-checked: a stale import is never trusted
         try:
             metrics = import_teacher(cfg, seed)
         except checkpoint.CheckpointError as exc:

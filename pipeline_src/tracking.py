@@ -6,6 +6,8 @@ in seconds instead of after an epoch of training (MLflow's own HTTP retries can 
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import sqlite3
@@ -14,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -94,6 +96,20 @@ def _probe(uri: str) -> None:
             raise TrackingError(
                 f"tracking store {uri}: cannot open {db} for writing ({exc}); {_fix_hint()}"
             ) from exc
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise first contact with a SQLite store: two jobs creating its tables at once fail."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    with open(f"{_sqlite_path(uri)}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _connect(uri: str) -> MlflowClient:
@@ -248,8 +264,9 @@ def start_run(params: dict, run_name: str, seed: int, tags: dict[str, Any], enab
     uri = resolve_uri(params)
     experiment = params["tracking"]["experiment"]
     profile = params["profile"]["name"]
-    client = _connect(uri)
-    exp_id = _experiment_id(client, uri, experiment, create=True)
+    with _store_lock(uri):
+        client = _connect(uri)
+        exp_id = _experiment_id(client, uri, experiment, create=True)
     filter_string = (
         f"tags.run = {_quoted(run_name)} and tags.seed = {_quoted(str(seed))} "
         f"and tags.profile = {_quoted(profile)}"

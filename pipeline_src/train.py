@@ -79,16 +79,16 @@ def read_classes(params: dict) -> list[str]:
     return data["wnids"] if isinstance(data, dict) else data
 
 
-def load_teacher(params: dict, seed: int, num_classes: int, device: torch.device) -> nn.Module:
+def load_teacher(params: dict, seed: int, wnids: list[str], device: torch.device) -> nn.Module:
     """The frozen teacher that the teacher stage left (trained or imported and already checked)."""
     path = run_dir(params, params["teacher"]["run"], seed) / "model.pt"
     if not path.is_file():
         raise SystemExit(f"{path} not found: run the teacher stage first (python -m pipeline_src.teacher)")
     state, meta = checkpoint.load_model_weights(path)
-    if meta["num_classes"] != num_classes:
-        raise SystemExit(f"{path}: teacher has {meta['num_classes']} classes, the betons {num_classes}; "
+    if meta["wnids"] != wnids:
+        raise SystemExit(f"{path}: the teacher was trained on other classes than the betons' classes.json; "
                          "re-run the teacher stage on the current data")
-    teacher = build_model({**meta["model"], "zero_gamma": False}, num_classes)
+    teacher = build_model({**meta["model"], "zero_gamma": False}, len(wnids))
     teacher.load_state_dict(state)
     return teacher.to(device).eval().requires_grad_(False)
 
@@ -192,7 +192,7 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
     model = model.to(device)
     if train_cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    teacher = load_teacher(cfg, seed, num_classes, device) if train_cfg["distill"] else None
+    teacher = load_teacher(cfg, seed, wnids, device) if train_cfg["distill"] else None
 
     local_batch = train_cfg["batch_size"] // ddp.world
     betons = betons_dir(cfg)

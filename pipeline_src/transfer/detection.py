@@ -1,0 +1,197 @@
+"""Faster-RCNN (torchvision's implementation) on our ResNet backbones, with its train and test loops.
+
+Two styles:
+  c4   the paper's detector (Ren et al. 2015 on ResNet, as GluonCV's `faster_rcnn_resnet50_v1b_voc`):
+       stages up to layer3 (stride 16) give the one feature map for the RPN and the RoI pooling
+       (RoIAlign 14 x 14); stage 5 (layer4, which strides the RoIs to 7 x 7) plus a global average
+       pool is the box head.
+  fpn  torchvision's `BackboneWithFPN` over layer1..layer4 with its default box head and RoI pooling.
+
+BN is frozen (the batches hold a few images) and the stem and layer1 are not trained, as in GluonCV's
+recipe (it trains stages 2-4) and torchvision's default of three trainable stages.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.rpn import AnchorGenerator
+from torchvision.ops import MultiScaleRoIAlign
+
+from pipeline_src.models.resnet import ResNet
+from pipeline_src.transfer import voc
+from pipeline_src.transfer.backbone import freeze_batchnorm, freeze_stages
+from pipeline_src.transfer.metrics import Detection, GroundTruth, evaluate_detections
+
+STYLES = ("c4", "fpn")
+FROZEN_STAGES = ("stem", "layer1")
+FPN_CHANNELS = 256  # torchvision's default for every FPN level
+ASPECT_RATIOS = (0.5, 1.0, 2.0)
+# GluonCV's VOC recipe at its 600-pixel shorter side: anchor sizes (stride 16 x scales 2..32), RPN
+# proposals kept before / after NMS in training and test, RoIs sampled per training image.
+REFERENCE_SIZE = 600
+REFERENCE_ANCHORS = (32, 64, 128, 256, 512)
+REFERENCE_BUDGET = {
+    "rpn_pre_nms_top_n_train": 12000,
+    "rpn_post_nms_top_n_train": 2000,
+    "rpn_pre_nms_top_n_test": 6000,
+    "rpn_post_nms_top_n_test": 300,
+    "box_batch_size_per_image": 128,
+}
+LR_DECAY = 0.1  # factor at each of transfer.detection.lr_milestones (GluonCV's lr_decay)
+
+
+def anchor_sizes(min_size: int) -> tuple[float, ...]:
+    """The reference anchor sizes scaled with the shorter image side (exactly GluonCV's at 600 px)."""
+    return tuple(round(s * min_size / REFERENCE_SIZE, 1) for s in REFERENCE_ANCHORS)
+
+
+def proposal_budget(min_size: int) -> dict[str, int]:
+    """The reference proposal and RoI counts scaled with the image area, (min_size / 600) ** 2.
+
+    Anchors, and so proposals, grow with the image area; scaling keeps the paper's recipe at 600 px
+    and keeps tiny CPU scenes from spending most of a step on RoIs (on CPU one training RoI costs
+    ~8 ms: RoIAlign's backward and stage 5).
+    """
+    scale = (min_size / REFERENCE_SIZE) ** 2
+    return {key: max(1, round(value * scale)) for key, value in REFERENCE_BUDGET.items()}
+
+
+class C5BoxHead(nn.Module):
+    """Stage 5 of the backbone over each pooled RoI, then global average pooling: (R, C5) features."""
+
+    def __init__(self, layer4: nn.Module) -> None:
+        super().__init__()
+        self.layer4 = layer4
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, rois: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.layer4(rois)), 1)
+
+
+def build_faster_rcnn(
+    backbone: ResNet,
+    num_classes: int,
+    style: str,
+    min_size: int,
+    max_size: int,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+) -> FasterRCNN:
+    """Faster-RCNN on a loaded backbone (BN frozen, stem and layer1 fixed); `num_classes` excludes
+    the background, which torchvision adds as label 0."""
+    if style not in STYLES:
+        raise ValueError(f"transfer.detection.style must be one of {list(STYLES)}, got {style!r}")
+    freeze_batchnorm(backbone)
+    freeze_stages(backbone, FROZEN_STAGES)
+    sizes = anchor_sizes(min_size)
+    common = dict(
+        min_size=min_size, max_size=max_size, image_mean=list(image_mean), image_std=list(image_std),
+        **proposal_budget(min_size),
+    )
+    if style == "c4":
+        trunk = IntermediateLayerGetter(backbone, return_layers={"layer3": "0"})
+        trunk.out_channels = backbone.stage_channels["layer3"]
+        return FasterRCNN(
+            trunk,
+            rpn_anchor_generator=AnchorGenerator((sizes,), (ASPECT_RATIOS,)),
+            box_roi_pool=MultiScaleRoIAlign(["0"], output_size=14, sampling_ratio=2),
+            box_head=C5BoxHead(backbone.layer4),
+            box_predictor=FastRCNNPredictor(backbone.stage_channels["layer4"], num_classes + 1),
+            **common,
+        )
+    stages = ("layer1", "layer2", "layer3", "layer4")
+    fpn = BackboneWithFPN(
+        backbone,
+        return_layers={name: str(i) for i, name in enumerate(stages)},
+        in_channels_list=[backbone.stage_channels[name] for name in stages],
+        out_channels=FPN_CHANNELS,
+    )
+    # one size per level: the four stages and the extra max-pooled level
+    anchors = AnchorGenerator(tuple((s,) for s in sizes), (ASPECT_RATIOS,) * len(sizes))
+    return FasterRCNN(fpn, num_classes=num_classes + 1, rpn_anchor_generator=anchors, **common)
+
+
+class TrainTransform:
+    """Training targets and augmentation: drop difficult objects unless kept, flip half the images."""
+
+    def __init__(self, keep_difficult: bool, generator: torch.Generator) -> None:
+        self.keep_difficult = keep_difficult
+        self.generator = generator
+
+    def __call__(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+        if not self.keep_difficult:
+            keep = ~target["difficult"]
+            target = {**target, "boxes": target["boxes"][keep], "labels": target["labels"][keep],
+                      "difficult": target["difficult"][keep]}
+        if torch.rand(1, generator=self.generator).item() < 0.5:
+            width = image.shape[-1]
+            boxes = target["boxes"]
+            image = image.flip(-1)
+            target = {**target, "boxes": torch.stack([width - boxes[:, 2], boxes[:, 1],
+                                                      width - boxes[:, 0], boxes[:, 3]], dim=1)}
+        return image, target
+
+
+def train_loader(records: Sequence[voc.VOCRecord], batch_size: int, keep_difficult: bool,
+                 seed: int) -> DataLoader:
+    """Shuffled batches of (images, targets) tuples; the order and flips follow `seed`."""
+    dataset = voc.VOCDetection(records, TrainTransform(keep_difficult, torch.Generator().manual_seed(seed)))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=voc.detection_collate,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def train_one_epoch(model: FasterRCNN, loader: Iterable, optimizer: torch.optim.Optimizer,
+                    device: torch.device) -> dict[str, float]:
+    """One pass; returns the mean of each torchvision loss term, their sum and images per second."""
+    model.train()
+    sums: dict[str, float] = {}
+    images_seen, batches, start = 0, 0, time.perf_counter()
+    for images, targets in loader:
+        images = [img.to(device) for img in images]
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        losses = model(images, targets)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"detection loss is {loss.item()} ({ {k: v.item() for k, v in losses.items()} }); "
+                                     "lower transfer.detection.lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for key, value in {**losses, "loss": loss}.items():
+            sums[key] = sums.get(key, 0.0) + value.item()
+        images_seen += len(images)
+        batches += 1
+    stats = {key: value / batches for key, value in sums.items()}
+    stats["images_per_s"] = images_seen / (time.perf_counter() - start)
+    return stats
+
+
+@torch.no_grad()
+def predict(model: FasterRCNN, records: Sequence[voc.VOCRecord], batch_size: int,
+            device: torch.device) -> list[Detection]:
+    """Detections on the original image coordinates, labels 0-based into the class list."""
+    model.eval()
+    loader = DataLoader(voc.VOCDetection(records), batch_size=batch_size, collate_fn=voc.detection_collate)
+    detections = []
+    for images, targets in loader:
+        outputs = model([img.to(device) for img in images])
+        for target, out in zip(targets, outputs):
+            image_id = records[int(target["image_id"])].image_id
+            for box, label, score in zip(out["boxes"].tolist(), out["labels"].tolist(), out["scores"].tolist()):
+                detections.append(Detection(image_id, label - (voc.BACKGROUND + 1), score, tuple(box)))
+    return detections
+
+
+def evaluate(model: FasterRCNN, records: Sequence[voc.VOCRecord], classes: Sequence[str], metric: str,
+             batch_size: int, device: torch.device) -> dict:
+    """VOC AP per class and mAP (fractions) on `records`, difficult objects ignored."""
+    ground_truth = {r.image_id: GroundTruth(r.boxes, r.labels, r.difficult) for r in records}
+    return evaluate_detections(predict(model, records, batch_size, device), ground_truth, classes, metric)
