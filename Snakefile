@@ -3,6 +3,7 @@
 #
 #   synthetic -> prepare -> train[run, seed] ----------------------------------> report
 #                              teacher -> train[distilled student, seed] ------/
+#   train[backbone] -> transfer_detection (VOC), transfer_segmentation (ADE20K) -/
 #   `snakemake ablations` adds the single-trick and leave-one-out runs (and re-renders the report).
 from pipeline_src import params as P
 
@@ -16,15 +17,22 @@ TEACHER = config["teacher"]["run"]
 TABLE_RUNS = config["study"]["tables"]
 DISTILLED = config["study"]["distilled"]
 ABLATION_RUNS = [r for r in P.all_run_names(config) if r.startswith(("single-", "loo-"))]
+BACKBONES = config["transfer"]["backbones"]
 
 
 def run_metrics(runs):
     return expand(f"{RUNS}/{{run}}/seed{{seed}}/metrics.json", run=runs, seed=SEEDS)
 
 
+def transfer_metrics():
+    return expand(f"{RUNS}/transfer/{{task}}/{{backbone}}/seed{{seed}}/metrics.json",
+                  task=["detection", "segmentation"], backbone=BACKBONES, seed=SEEDS)
+
+
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/distill.smk"
+include: "workflow/rules/transfer.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -4,6 +4,7 @@
 rule report:
     input:
         run_metrics(TABLE_RUNS + DISTILLED + [TEACHER]),
+        transfer_metrics(),
     output:
         md=f"{REPORTS}/report.md",
         html=f"{REPORTS}/report.html",

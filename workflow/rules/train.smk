@@ -26,7 +26,7 @@ rule train:
     params:
         recipe=lambda wildcards: run_recipe(wildcards.run),
     wildcard_constraints:
-        run="[A-Za-z0-9_.-]+",
+        run="[A-Za-z0-9_.-]+",  # no slash: transfer/... belongs to the transfer rules
         seed=r"\d+",
     resources:
         gpu=1,
