@@ -81,13 +81,12 @@ def test_killed_run_resumes_to_bit_identical_weights(micro, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_nan_loss_stops_the_run_naming_the_step_and_checkpoint(micro, tmp_path):
-    result = subprocess.run(
-        _cmd(micro, tmp_path, "--run", "baseline", "--set", "train.base_lr=1e30"),
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 3
-    assert "loss is" in result.stderr and "step" in result.stderr and "last good checkpoint" in result.stderr
+def test_nan_loss_stops_the_run_naming_the_step_and_checkpoint(micro, tmp_path, capsys):
+    code = main(["--params", str(micro), "--run", "baseline", "--set", f"paths.runs={tmp_path}",
+                 "--set", "train.base_lr=1e30"])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "loss is" in err and "step" in err and "last good checkpoint" in err
     assert not (tmp_path / "baseline" / "seed0" / "metrics.json").exists()
 
 
