@@ -5,6 +5,8 @@
 #                              teacher -> train[distilled student, seed] ------/
 #   train[backbone] -> transfer_detection (VOC), transfer_segmentation (ADE20K) -/
 #   `snakemake ablations` adds the single-trick and leave-one-out runs (and re-renders the report).
+from pathlib import Path
+
 from pipeline_src import params as P
 
 PARAMS_FILE = config.get("params_file", "params.yaml")
@@ -51,5 +53,10 @@ rule ablations:
 
 
 onsuccess:
-    # Record every output in dvc.lock (and the DVC cache), so that `dvc status` agrees afterwards.
-    shell("dvc commit --force --quiet")
+    # Record what this run produced in dvc.lock (and the DVC cache), so `dvc status` agrees afterwards.
+    stages = ["prepare", "train", "teacher", "distill", "transfer_detection", "transfer_segmentation", "report"]
+    if Path(rules.synthetic.output.manifest).exists():
+        stages.insert(0, "synthetic")
+    if all(Path(p).exists() for p in run_metrics(ABLATION_RUNS)):
+        stages += ["single", "loo"]
+    shell(f"dvc commit --force --quiet {' '.join(stages)}")

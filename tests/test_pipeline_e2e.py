@@ -72,8 +72,12 @@ def test_whole_dag_ends_in_the_report(workspace):
         assert (workspace / "data" / "runs" / run / "seed0" / "metrics.json").is_file(), run
 
 
+DEFAULT_STAGES = ["synthetic", "prepare", "train", "teacher", "distill", "transfer_detection",
+                  "transfer_segmentation", "report"]  # what `snakemake` (target all) runs; not the ablations
+
+
 def test_dvc_status_is_clean_after_snakemake(workspace):
-    out = _run([str(BIN / "dvc"), "status"], workspace)
+    out = _run([str(BIN / "dvc"), "status", *DEFAULT_STAGES], workspace)
     assert "up to date" in out, out
 
 
@@ -106,7 +110,7 @@ def test_changing_one_trick_reruns_only_the_runs_that_use_it(workspace):
 def test_dvc_checkout_of_deleted_outputs_leaves_snakemake_nothing_to_do(workspace):
     deleted = list((workspace / "data" / "runs").glob("*/seed0/model.pt")) + \
         list((workspace / "data" / "betons").glob("*.beton"))
-    assert len(deleted) > 10
+    assert len(deleted) >= 8
     for path in deleted:
         path.unlink()
     _run([str(BIN / "dvc"), "checkout", "-q"], workspace)

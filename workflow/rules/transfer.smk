@@ -1,12 +1,14 @@
 # Transfer (section 6): Faster-RCNN on VOC and FCN on ADE20K, fine-tuned from the classification runs.
 
 
+# The synthetic manifest stands for its folders: a folder's mtime moves whenever `dvc commit`
+# relinks the files inside it, a file's does not.
 def voc_input(wildcards):
-    return [] if config["data"]["voc_dir"] else [rules.synthetic.output.voc]
+    return [] if config["data"]["voc_dir"] else [rules.synthetic.output.manifest]
 
 
 def ade20k_input(wildcards):
-    return [] if config["data"]["ade20k_dir"] else [rules.synthetic.output.ade20k]
+    return [] if config["data"]["ade20k_dir"] else [rules.synthetic.output.manifest]
 
 
 rule transfer_detection:
