@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -37,6 +39,24 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", required=True, help="the classification run to fine-tune, e.g. t5-resnet-d")
     parser.add_argument("--seed", type=int, default=None, help="default: the first of study.seeds")
     P.add_arguments(parser)
+
+
+def stage_main(argv: list[str] | None, description: str, run: Callable[[dict, str, int], dict],
+               input_errors: tuple[type[Exception], ...]) -> int:
+    """The CLI of a transfer stage: exit 2 on bad input (the message names the file or key), 3 on divergence."""
+    parser = argparse.ArgumentParser(description=description)
+    add_stage_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        params = P.from_args(args)
+        run(params, args.backbone, params["study"]["seeds"][0] if args.seed is None else args.seed)
+    except (P.ParamsError, TransferError, checkpoint.CheckpointError, *input_errors) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exc:  # a diverged fine-tune; its MLflow run is marked FAILED
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    return 0
 
 
 def seed_all(seed: int) -> None:

@@ -9,7 +9,6 @@ Logged to MLflow as the run `transfer-segmentation/<backbone>`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -88,20 +87,7 @@ def run(params: dict, backbone: str, seed: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    bb.add_stage_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        params = P.from_args(args)
-        seed = params["study"]["seeds"][0] if args.seed is None else args.seed
-        run(params, args.backbone, seed)
-    except (P.ParamsError, bb.TransferError, checkpoint.CheckpointError, ade20k.ADE20KFormatError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except FloatingPointError as exc:  # a diverged fine-tune; its MLflow run is marked FAILED
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
-    return 0
+    return bb.stage_main(argv, __doc__.splitlines()[0], run, (ade20k.ADE20KFormatError,))
 
 
 if __name__ == "__main__":
