@@ -264,6 +264,7 @@ def start_run(params: dict, run_name: str, seed: int, tags: dict[str, Any], enab
     uri = resolve_uri(params)
     experiment = params["tracking"]["experiment"]
     profile = params["profile"]["name"]
+    _probe(uri)  # first: a clear error before any lock file is made
     with _store_lock(uri):
         client = _connect(uri)
         exp_id = _experiment_id(client, uri, experiment, create=True)
