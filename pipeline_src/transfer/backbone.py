@@ -83,9 +83,12 @@ def result_dir(params: dict, task: str, run: str, seed: int) -> Path:
     return Path(params["paths"]["runs"]) / "transfer" / task / run / f"seed{seed}"
 
 
-def is_finished(out: Path) -> bool:
-    """metrics.json is written last, after model.pt: both present means the fine-tune completed."""
-    return (out / "metrics.json").is_file() and (out / checkpoint.FINAL_NAME).is_file()
+def finished_metrics(out: Path) -> dict | None:
+    """The metrics of a completed fine-tune (metrics.json is written last, after model.pt), else None."""
+    if not ((out / "metrics.json").is_file() and (out / checkpoint.FINAL_NAME).is_file()):
+        return None
+    print(f"{out}: already finished, skipping (delete it to re-run)")
+    return json.loads((out / "metrics.json").read_text())
 
 
 def check_backbone_run(params: dict, run: str, seed: int) -> Path:

@@ -37,9 +37,9 @@ def voc_data(params: dict) -> tuple[list[str], list[voc.VOCRecord], list[voc.VOC
 def run(params: dict, backbone: str, seed: int) -> dict:
     """Fine-tune (or skip when finished) and return the metrics written to metrics.json."""
     out = bb.result_dir(params, TASK, backbone, seed)
-    if bb.is_finished(out):
-        print(f"{out}: already finished, skipping (delete it to re-run)")
-        return json.loads((out / "metrics.json").read_text())
+    finished = bb.finished_metrics(out)
+    if finished is not None:
+        return finished
     start = time.perf_counter()
     cfg = params["transfer"]["detection"]
     ckpt = bb.check_backbone_run(params, backbone, seed)
