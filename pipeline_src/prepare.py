@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline_src import params as P
+from pipeline_src.ffcv_import import import_ffcv
 from pipeline_src.io import atomic_path, write_json
 
 # The extensions torchvision's ImageFolder accepts; anything else (and any dotfile) is not an image.
@@ -239,7 +240,8 @@ def load_rgb(path: Path, max_resolution: int) -> np.ndarray:
     CMYK, grayscale, palette and RGBA images (and PNGs named .JPEG) become RGB; alpha is dropped,
     as torchvision's `pil_loader` and OpenCV's `imread` do.
     """
-    from ffcv.fields.rgb_image import resizer  # ffcv's import compiles numba code (seconds)
+    import_ffcv()
+    from ffcv.fields.rgb_image import resizer
 
     with Image.open(path) as img:
         rgb = np.asarray(img.convert("RGB"))
@@ -316,6 +318,7 @@ class DecodedAhead:
 
 def write_beton(path: Path, items: list[Item], settings: dict) -> None:
     """Write `items` to an ffcv file at `path`, byte for byte the same on every run."""
+    import_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
@@ -340,6 +343,7 @@ def write_beton(path: Path, items: list[Item], settings: dict) -> None:
 
 def count_jpeg(path: Path) -> int:
     """How many images of a beton are stored as JPEG (the rest are raw pixels)."""
+    import_ffcv()
     from ffcv.reader import Reader
 
     modes = Reader(str(path)).metadata["f0"]["mode"]  # f0: the image field, written first

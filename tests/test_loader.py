@@ -472,3 +472,12 @@ def test_bad_inputs_give_clear_errors(tmp_path, plain_beton, monkeypatch):
     with pytest.raises(LoaderError, match="loader.device"):
         resolve_device(load_params("loader.device=cuda"))
     assert resolve_device(load_params("loader.device=auto")) == torch.device("cpu")
+
+
+def test_ffcv_import_skips_the_typed_dict_compile():
+    # a fresh process: importing the loader must leave ffcv's IMAGE_MODES a plain dict (no numba
+    # compile at import) while numba.typed.Dict stays the real typed dict for everyone else
+    code = ("import pipeline_src.loader, numba.typed, ffcv.fields.rgb_image as r; "
+            "assert type(r.IMAGE_MODES) is dict and r.IMAGE_MODES == {'jpg': 0, 'raw': 1}; "
+            "assert numba.typed.Dict is not dict")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -4,8 +4,12 @@
     loader.set_epoch(start_epoch)          # resume; each iter() then yields one epoch
     for images, labels in loader: ...      # float32 (fp16 on CUDA under amp) NCHW, int64 (N,)
 """
-from .pipelines import (FastLoader, LoaderError, make_train_loader, make_val_loader, measure_throughput,
-                        resolve_device)
+from pipeline_src.ffcv_import import import_ffcv
+
+import_ffcv()
+
+from .pipelines import (FastLoader, LoaderError, make_train_loader, make_val_loader,  # noqa: E402
+                        measure_throughput, resolve_device)
 
 __all__ = ["FastLoader", "LoaderError", "make_train_loader", "make_val_loader", "measure_throughput",
            "resolve_device"]
