@@ -105,10 +105,11 @@ def test_check_backbone_run_names_the_problem(env):
     assert bb.check_backbone_run(env["params"], BACKBONE, 0) == bb.checkpoint_path(env["params"], BACKBONE, 0)
 
 
-def _detector(env, style: str):
+def _detector(env, style: str, **changes):
     trunk, _ = bb.load_backbone(bb.checkpoint_path(env["params"], BACKBONE, 0))
     mean, std = bb.normalization(env["params"], BACKBONE)
-    return trunk, detection.build_faster_rcnn(trunk, CLASSES, style, 64, 96, mean, std)
+    cfg = {**env["params"]["transfer"]["detection"], "style": style, **changes}
+    return trunk, detection.build_faster_rcnn(trunk, CLASSES, cfg, mean, std)
 
 
 def test_c4_detector_structure(env):
@@ -143,7 +144,7 @@ def test_fpn_detector_builds_and_predicts(env):
         (out,) = model([torch.rand(3, 70, 90)])
     assert out["boxes"].shape[1] == 4 and len(out["boxes"]) == len(out["labels"]) == len(out["scores"])
     with pytest.raises(ValueError, match="style must be one of"):
-        detection.build_faster_rcnn(trunk, CLASSES, "c5", 64, 96, [0.5] * 3, [0.2] * 3)
+        _detector(env, "c5")
 
 
 def test_detection_train_transform_drops_difficult_and_flips():
@@ -166,11 +167,28 @@ def test_detection_train_transform_drops_difficult_and_flips():
     assert transform(image, target)[1]["labels"].tolist() == [1, 2]
 
 
-def test_anchors_and_budget_match_the_reference_at_600_pixels():
-    assert detection.anchor_sizes(600) == (32, 64, 128, 256, 512)
-    assert detection.proposal_budget(600) == detection.REFERENCE_BUDGET
-    small = detection.proposal_budget(150)
-    assert small["box_batch_size_per_image"] == 8 and small["rpn_post_nms_top_n_test"] == 19
+@pytest.mark.parametrize("style", ["c4", "fpn"])
+def test_detector_takes_anchors_sampling_and_frozen_stages_from_params(env, style):
+    cfg = env["params"]["transfer"]["detection"]
+    trunk, model = _detector(env, style, frozen_stages=["stem", "layer1", "layer2"])
+    sizes, ratios = tuple(cfg["anchor_sizes"]), tuple(cfg["aspect_ratios"])
+    generator = model.rpn.anchor_generator
+    if style == "c4":
+        assert generator.sizes == (sizes,) and generator.aspect_ratios == (ratios,)
+    else:
+        assert generator.sizes == tuple((s,) for s in sizes) and generator.aspect_ratios == (ratios,) * 5
+    rpn, roi = model.rpn.fg_bg_sampler, model.roi_heads.fg_bg_sampler
+    assert (rpn.batch_size_per_image, rpn.positive_fraction) == \
+        (cfg["rpn_batch_size_per_image"], cfg["rpn_positive_fraction"])
+    assert (roi.batch_size_per_image, roi.positive_fraction) == \
+        (cfg["box_batch_size_per_image"], cfg["box_positive_fraction"])
+    assert model.rpn._pre_nms_top_n == {"training": cfg["rpn_pre_nms_top_n_train"],
+                                        "testing": cfg["rpn_pre_nms_top_n_test"]}
+    assert model.rpn._post_nms_top_n == {"training": cfg["rpn_post_nms_top_n_train"],
+                                         "testing": cfg["rpn_post_nms_top_n_test"]}
+    assert model.transform.min_size == (cfg["min_size"],) and model.transform.max_size == cfg["max_size"]
+    assert not any(p.requires_grad for p in trunk.layer2.parameters())
+    assert all(p.requires_grad for p in trunk.layer3.parameters())
 
 
 @pytest.mark.parametrize("stride", [8, 16])
