@@ -62,6 +62,9 @@ def test_missing_key_is_an_error_not_a_hidden_default(tmp_path):
     ("transfer.detection.rpn_batch_size_per_image", "0", r"'transfer.detection.rpn_batch_size_per_image' must be >="),
     ("transfer.detection.rpn_pre_nms_top_n_train", "1e3", r"'transfer.detection.rpn_pre_nms_top_n_train' must be an"),
     ("transfer.detection.box_positive_fraction", "1.25", r"'transfer.detection.box_positive_fraction' must be <= 1.0"),
+    ("transfer.segmentation.scale_range", "[2.0, 0.5]", r"'transfer.segmentation.scale_range' must be \[low, high\]"),
+    ("transfer.segmentation.scale_range", "[0.5]", r"'transfer.segmentation.scale_range' must have 2 items"),
+    ("transfer.segmentation.aux_weight", "-0.5", r"'transfer.segmentation.aux_weight' must be >= 0.0"),
 ])
 def test_wrong_values_are_rejected(key, value, pattern):
     with pytest.raises(P.ParamsError, match=pattern):
@@ -167,9 +170,9 @@ def test_imagenet_profile_matches_the_paper():
 
 
 def test_imagenet_profile_transfer_is_common_practice():
-    """Faster-RCNN on VOC as GluonCV's faster_rcnn_resnet50_v1b_voc."""
+    """Faster-RCNN on VOC as GluonCV's faster_rcnn_resnet50_v1b_voc, FCN on ADE20K as GluonCV's."""
     params = P.load(ROOT / "configs" / "imagenet.yaml")
-    det = params["transfer"]["detection"]
+    det, seg = params["transfer"]["detection"], params["transfer"]["segmentation"]
     assert (det["min_size"], det["max_size"]) == (600, 1000)
     assert det["frozen_stages"] == ["stem", "layer1"] and det["lr_decay"] == 0.1
     assert det["anchor_sizes"] == [32, 64, 128, 256, 512] and det["aspect_ratios"] == [0.5, 1.0, 2.0]
@@ -177,3 +180,5 @@ def test_imagenet_profile_transfer_is_common_practice():
     assert (det["rpn_pre_nms_top_n_train"], det["rpn_post_nms_top_n_train"]) == (12000, 2000)
     assert (det["rpn_pre_nms_top_n_test"], det["rpn_post_nms_top_n_test"]) == (6000, 300)
     assert (det["box_batch_size_per_image"], det["box_positive_fraction"]) == (128, 0.25)
+    assert (seg["base_size"], seg["crop_size"], seg["scale_range"]) == (520, 480, [0.5, 2.0])
+    assert seg["aux_loss"] is True and seg["aux_weight"] == 0.5

@@ -211,8 +211,8 @@ def test_segmentation_transform_crops_pads_with_ignore_and_keeps_alignment():
     mask = torch.zeros(20, 30, dtype=torch.int64)
     mask[:, 15:] = 1  # right half is class 1
     image = mask.float()[None].expand(3, 20, 30).clone()
-    transform = segmentation.TrainTransform(base_size=12, crop_size=40, mean=[0.0] * 3, std=[1.0] * 3,
-                                            generator=torch.Generator().manual_seed(0))
+    transform = segmentation.TrainTransform(base_size=12, crop_size=40, scale_range=[0.5, 2.0], mean=[0.0] * 3,
+                                            std=[1.0] * 3, generator=torch.Generator().manual_seed(0))
     for _ in range(5):
         img, out = transform(image, mask)
         assert img.shape == (3, 40, 40) and out.shape == (40, 40)
@@ -222,6 +222,24 @@ def test_segmentation_transform_crops_pads_with_ignore_and_keeps_alignment():
         # image and mask stay aligned (bilinear and nearest resizing may differ on the class edge)
         agree = ((img[0][labelled] > 0.5).long() == out[labelled]).float().mean()
         assert agree > 0.9
+
+
+def test_segmentation_scale_range_sets_the_rescaled_shorter_side():
+    mask = torch.zeros(20, 30, dtype=torch.int64)
+    image = torch.zeros(3, 20, 30)
+    transform = segmentation.TrainTransform(base_size=12, crop_size=40, scale_range=[1.0, 1.0], mean=[0.0] * 3,
+                                            std=[1.0] * 3, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        _, out = transform(image, mask)
+        assert (out != ade20k.IGNORE_INDEX).sum() == 12 * 18  # the scene at exactly base_size, padded to 40
+
+
+def test_fcn_loss_weighs_the_auxiliary_head():
+    target = torch.tensor([[[0, 1], [1, ade20k.IGNORE_INDEX]]])
+    outputs = {"out": torch.randn(1, CLASSES, 2, 2), "aux": torch.randn(1, CLASSES, 2, 2)}
+    main = segmentation.fcn_loss({"out": outputs["out"]}, target, aux_weight=0.5)
+    aux = segmentation.fcn_loss({"out": outputs["aux"]}, target, aux_weight=0.5)
+    assert segmentation.fcn_loss(outputs, target, aux_weight=0.25).item() == pytest.approx((main + 0.25 * aux).item())
 
 
 def _mlflow_run(env, name: str):
