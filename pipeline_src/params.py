@@ -74,6 +74,10 @@ def _increasing(values: list) -> str | None:
     return None
 
 
+def _nonempty_increasing(values: list) -> str | None:
+    return "must not be empty" if not values else _increasing(values)
+
+
 def _ordered_pair(values: list) -> str | None:
     return None if values[0] <= values[1] else "must be [low, high] with low <= high"
 
@@ -198,14 +202,26 @@ SCHEMA: dict[str, Any] = {
         "backbones": _list(_str()),
         "detection": {
             "style": _str(["c4", "fpn"]),
+            "frozen_stages": _list(_str(["stem", "layer1", "layer2", "layer3", "layer4"])),
             "epochs": _int(1),
             "batch_size": _int(1),
             "lr": _float(0.0),
             "lr_milestones": _list(_int(1), check=_increasing),
+            "lr_decay": _float(0.0, 1.0),
             "momentum": _float(0.0, 1.0),
             "weight_decay": _float(0.0),
             "min_size": _int(16),
             "max_size": _int(16),
+            "anchor_sizes": _list(_float(1.0), check=_nonempty_increasing),
+            "aspect_ratios": _list(_float(1e-3), check=_nonempty_increasing),
+            "rpn_batch_size_per_image": _int(1),
+            "rpn_positive_fraction": _float(0.0, 1.0),
+            "rpn_pre_nms_top_n_train": _int(1),
+            "rpn_post_nms_top_n_train": _int(1),
+            "rpn_pre_nms_top_n_test": _int(1),
+            "rpn_post_nms_top_n_test": _int(1),
+            "box_batch_size_per_image": _int(1),
+            "box_positive_fraction": _float(0.0, 1.0),
             "metric": _str(["voc07", "all_point"]),
             "train_difficult": _bool(),
             "allow_missing_voc2012": _bool(),
@@ -219,8 +235,10 @@ SCHEMA: dict[str, Any] = {
             "weight_decay": _float(0.0),
             "base_size": _int(16),
             "crop_size": _int(16),
+            "scale_range": _list(_float(0.01), length=2, check=_ordered_pair),
             "output_stride": _int(choices=(8, 16, 32)),
             "aux_loss": _bool(),
+            "aux_weight": _float(0.0),
         },
     },
     "tricks": MapOf(Overrides()),
@@ -381,6 +399,17 @@ def _check_references(params: dict, src: str) -> None:
                 )
 
 
+def _check_transfer(params: dict, src: str) -> None:
+    """Rules between transfer keys that no single key's range can state."""
+    det = params["transfer"]["detection"]
+    # torchvision's FPN has five levels (layer1..layer4 and a max-pooled one), one anchor size each
+    if det["style"] == "fpn" and len(det["anchor_sizes"]) != 5:
+        raise ParamsError(
+            f"{src}: key 'transfer.detection.anchor_sizes' must have 5 items with style fpn (one per "
+            f"level: layer1..layer4 and the pooled level), got {len(det['anchor_sizes'])}"
+        )
+
+
 def _lineage(runs: dict, name: str, src: str) -> list[str]:
     chain, seen = [], set()
     while name is not None:
@@ -426,6 +455,7 @@ def load(path: str | Path = DEFAULT_PARAMS, sets: list[str] | tuple[str, ...] = 
         apply_set(raw, assignment)
     params = _validate(SCHEMA, raw, (), src)
     _check_references(params, src)
+    _check_transfer(params, src)
     params["_source"] = src
     params["_sets"] = [a.split("=", 1)[0] for a in sets]
     return params

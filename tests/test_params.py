@@ -54,10 +54,31 @@ def test_missing_key_is_an_error_not_a_hidden_default(tmp_path):
     ("augment.mean", "[1, 2]", "must have 3 items"),
     ("train.step_milestones", "[6, 3]", "strictly increasing"),
     ("data.on_corrupt", "ignore", "must be one of"),
+    ("transfer.detection.frozen_stages", "[stem, layer5]", r"'transfer.detection.frozen_stages.1' must be one of"),
+    ("transfer.detection.lr_decay", "1.5", r"'transfer.detection.lr_decay' must be <= 1.0"),
+    ("transfer.detection.anchor_sizes", "[]", r"'transfer.detection.anchor_sizes' must not be empty"),
+    ("transfer.detection.anchor_sizes", "[64, 32]", r"'transfer.detection.anchor_sizes' must be strictly"),
+    ("transfer.detection.aspect_ratios", "[0, 1]", r"'transfer.detection.aspect_ratios.0' must be >= 0.001"),
+    ("transfer.detection.rpn_batch_size_per_image", "0", r"'transfer.detection.rpn_batch_size_per_image' must be >="),
+    ("transfer.detection.rpn_pre_nms_top_n_train", "1e3", r"'transfer.detection.rpn_pre_nms_top_n_train' must be an"),
+    ("transfer.detection.box_positive_fraction", "1.25", r"'transfer.detection.box_positive_fraction' must be <= 1.0"),
+    ("transfer.segmentation.scale_range", "[2.0, 0.5]", r"'transfer.segmentation.scale_range' must be \[low, high\]"),
+    ("transfer.segmentation.scale_range", "[0.5]", r"'transfer.segmentation.scale_range' must have 2 items"),
+    ("transfer.segmentation.aux_weight", "-0.5", r"'transfer.segmentation.aux_weight' must be >= 0.0"),
 ])
 def test_wrong_values_are_rejected(key, value, pattern):
     with pytest.raises(P.ParamsError, match=pattern):
         P.load(ROOT / "params.yaml", [f"{key}={value}"])
+
+
+def test_fpn_needs_one_anchor_size_per_level():
+    fpn = P.load(ROOT / "params.yaml", ["transfer.detection.style=fpn"])
+    assert len(fpn["transfer"]["detection"]["anchor_sizes"]) == 5
+    one_per_level = r"key 'transfer.detection.anchor_sizes' must have 5 items with style fpn.*got 3"
+    with pytest.raises(P.ParamsError, match=one_per_level):
+        P.load(ROOT / "params.yaml", ["transfer.detection.style=fpn", "transfer.detection.anchor_sizes=[32, 64, 128]"])
+    c4 = P.load(ROOT / "params.yaml", ["transfer.detection.anchor_sizes=[32, 64, 128]"])
+    assert c4["transfer"]["detection"]["anchor_sizes"] == [32.0, 64.0, 128.0]
 
 
 def test_set_overrides_and_is_validated():
@@ -146,3 +167,18 @@ def test_imagenet_profile_matches_the_paper():
     assert (teacher["model"]["depth"], teacher["model"]["variant"]) == (152, "D")
     assert teacher["train"]["schedule"] == "cosine" and teacher["train"]["label_smoothing"] == 0.1
     assert params["distill"]["temperature"] == 20
+
+
+def test_imagenet_profile_transfer_is_common_practice():
+    """Faster-RCNN on VOC as GluonCV's faster_rcnn_resnet50_v1b_voc, FCN on ADE20K as GluonCV's."""
+    params = P.load(ROOT / "configs" / "imagenet.yaml")
+    det, seg = params["transfer"]["detection"], params["transfer"]["segmentation"]
+    assert (det["min_size"], det["max_size"]) == (600, 1000)
+    assert det["frozen_stages"] == ["stem", "layer1"] and det["lr_decay"] == 0.1
+    assert det["anchor_sizes"] == [32, 64, 128, 256, 512] and det["aspect_ratios"] == [0.5, 1.0, 2.0]
+    assert (det["rpn_batch_size_per_image"], det["rpn_positive_fraction"]) == (256, 0.5)
+    assert (det["rpn_pre_nms_top_n_train"], det["rpn_post_nms_top_n_train"]) == (12000, 2000)
+    assert (det["rpn_pre_nms_top_n_test"], det["rpn_post_nms_top_n_test"]) == (6000, 300)
+    assert (det["box_batch_size_per_image"], det["box_positive_fraction"]) == (128, 0.25)
+    assert (seg["base_size"], seg["crop_size"], seg["scale_range"]) == (520, 480, [0.5, 2.0])
+    assert seg["aux_loss"] is True and seg["aux_weight"] == 0.5

@@ -105,10 +105,11 @@ def test_check_backbone_run_names_the_problem(env):
     assert bb.check_backbone_run(env["params"], BACKBONE, 0) == bb.checkpoint_path(env["params"], BACKBONE, 0)
 
 
-def _detector(env, style: str):
+def _detector(env, style: str, **changes):
     trunk, _ = bb.load_backbone(bb.checkpoint_path(env["params"], BACKBONE, 0))
     mean, std = bb.normalization(env["params"], BACKBONE)
-    return trunk, detection.build_faster_rcnn(trunk, CLASSES, style, 64, 96, mean, std)
+    cfg = {**env["params"]["transfer"]["detection"], "style": style, **changes}
+    return trunk, detection.build_faster_rcnn(trunk, CLASSES, cfg, mean, std)
 
 
 def test_c4_detector_structure(env):
@@ -143,7 +144,7 @@ def test_fpn_detector_builds_and_predicts(env):
         (out,) = model([torch.rand(3, 70, 90)])
     assert out["boxes"].shape[1] == 4 and len(out["boxes"]) == len(out["labels"]) == len(out["scores"])
     with pytest.raises(ValueError, match="style must be one of"):
-        detection.build_faster_rcnn(trunk, CLASSES, "c5", 64, 96, [0.5] * 3, [0.2] * 3)
+        _detector(env, "c5")
 
 
 def test_detection_train_transform_drops_difficult_and_flips():
@@ -166,11 +167,28 @@ def test_detection_train_transform_drops_difficult_and_flips():
     assert transform(image, target)[1]["labels"].tolist() == [1, 2]
 
 
-def test_anchors_and_budget_match_the_reference_at_600_pixels():
-    assert detection.anchor_sizes(600) == (32, 64, 128, 256, 512)
-    assert detection.proposal_budget(600) == detection.REFERENCE_BUDGET
-    small = detection.proposal_budget(150)
-    assert small["box_batch_size_per_image"] == 8 and small["rpn_post_nms_top_n_test"] == 19
+@pytest.mark.parametrize("style", ["c4", "fpn"])
+def test_detector_takes_anchors_sampling_and_frozen_stages_from_params(env, style):
+    cfg = env["params"]["transfer"]["detection"]
+    trunk, model = _detector(env, style, frozen_stages=["stem", "layer1", "layer2"])
+    sizes, ratios = tuple(cfg["anchor_sizes"]), tuple(cfg["aspect_ratios"])
+    generator = model.rpn.anchor_generator
+    if style == "c4":
+        assert generator.sizes == (sizes,) and generator.aspect_ratios == (ratios,)
+    else:
+        assert generator.sizes == tuple((s,) for s in sizes) and generator.aspect_ratios == (ratios,) * 5
+    rpn, roi = model.rpn.fg_bg_sampler, model.roi_heads.fg_bg_sampler
+    assert (rpn.batch_size_per_image, rpn.positive_fraction) == \
+        (cfg["rpn_batch_size_per_image"], cfg["rpn_positive_fraction"])
+    assert (roi.batch_size_per_image, roi.positive_fraction) == \
+        (cfg["box_batch_size_per_image"], cfg["box_positive_fraction"])
+    assert model.rpn._pre_nms_top_n == {"training": cfg["rpn_pre_nms_top_n_train"],
+                                        "testing": cfg["rpn_pre_nms_top_n_test"]}
+    assert model.rpn._post_nms_top_n == {"training": cfg["rpn_post_nms_top_n_train"],
+                                         "testing": cfg["rpn_post_nms_top_n_test"]}
+    assert model.transform.min_size == (cfg["min_size"],) and model.transform.max_size == cfg["max_size"]
+    assert not any(p.requires_grad for p in trunk.layer2.parameters())
+    assert all(p.requires_grad for p in trunk.layer3.parameters())
 
 
 @pytest.mark.parametrize("stride", [8, 16])
@@ -193,8 +211,8 @@ def test_segmentation_transform_crops_pads_with_ignore_and_keeps_alignment():
     mask = torch.zeros(20, 30, dtype=torch.int64)
     mask[:, 15:] = 1  # right half is class 1
     image = mask.float()[None].expand(3, 20, 30).clone()
-    transform = segmentation.TrainTransform(base_size=12, crop_size=40, mean=[0.0] * 3, std=[1.0] * 3,
-                                            generator=torch.Generator().manual_seed(0))
+    transform = segmentation.TrainTransform(base_size=12, crop_size=40, scale_range=[0.5, 2.0], mean=[0.0] * 3,
+                                            std=[1.0] * 3, generator=torch.Generator().manual_seed(0))
     for _ in range(5):
         img, out = transform(image, mask)
         assert img.shape == (3, 40, 40) and out.shape == (40, 40)
@@ -204,6 +222,24 @@ def test_segmentation_transform_crops_pads_with_ignore_and_keeps_alignment():
         # image and mask stay aligned (bilinear and nearest resizing may differ on the class edge)
         agree = ((img[0][labelled] > 0.5).long() == out[labelled]).float().mean()
         assert agree > 0.9
+
+
+def test_segmentation_scale_range_sets_the_rescaled_shorter_side():
+    mask = torch.zeros(20, 30, dtype=torch.int64)
+    image = torch.zeros(3, 20, 30)
+    transform = segmentation.TrainTransform(base_size=12, crop_size=40, scale_range=[1.0, 1.0], mean=[0.0] * 3,
+                                            std=[1.0] * 3, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        _, out = transform(image, mask)
+        assert (out != ade20k.IGNORE_INDEX).sum() == 12 * 18  # the scene at exactly base_size, padded to 40
+
+
+def test_fcn_loss_weighs_the_auxiliary_head():
+    target = torch.tensor([[[0, 1], [1, ade20k.IGNORE_INDEX]]])
+    outputs = {"out": torch.randn(1, CLASSES, 2, 2), "aux": torch.randn(1, CLASSES, 2, 2)}
+    main = segmentation.fcn_loss({"out": outputs["out"]}, target, aux_weight=0.5)
+    aux = segmentation.fcn_loss({"out": outputs["aux"]}, target, aux_weight=0.5)
+    assert segmentation.fcn_loss(outputs, target, aux_weight=0.25).item() == pytest.approx((main + 0.25 * aux).item())
 
 
 def _mlflow_run(env, name: str):

@@ -7,8 +7,9 @@ Two styles:
        pool is the box head.
   fpn  torchvision's `BackboneWithFPN` over layer1..layer4 with its default box head and RoI pooling.
 
-BN is frozen (the batches hold a few images) and the stem and layer1 are not trained, as in GluonCV's
-recipe (it trains stages 2-4) and torchvision's default of three trainable stages.
+BN is frozen (the batches hold a few images) and `transfer.detection.frozen_stages` are not trained;
+anchors, RPN and RoI sampling are `transfer.detection` keys too (the profiles say where each value
+comes from).
 """
 from __future__ import annotations
 
@@ -31,37 +32,14 @@ from pipeline_src.transfer.backbone import freeze_batchnorm, freeze_stages
 from pipeline_src.transfer.metrics import Detection, GroundTruth, evaluate_detections
 
 STYLES = ("c4", "fpn")
-FROZEN_STAGES = ("stem", "layer1")
 FPN_CHANNELS = 256  # torchvision's default for every FPN level
-ASPECT_RATIOS = (0.5, 1.0, 2.0)
-# GluonCV's VOC recipe at its 600-pixel shorter side: anchor sizes (stride 16 x scales 2..32), RPN
-# proposals kept before / after NMS in training and test, RoIs sampled per training image.
-REFERENCE_SIZE = 600
-REFERENCE_ANCHORS = (32, 64, 128, 256, 512)
-REFERENCE_BUDGET = {
-    "rpn_pre_nms_top_n_train": 12000,
-    "rpn_post_nms_top_n_train": 2000,
-    "rpn_pre_nms_top_n_test": 6000,
-    "rpn_post_nms_top_n_test": 300,
-    "box_batch_size_per_image": 128,
-}
-LR_DECAY = 0.1  # factor at each of transfer.detection.lr_milestones (GluonCV's lr_decay)
-
-
-def anchor_sizes(min_size: int) -> tuple[float, ...]:
-    """The reference anchor sizes scaled with the shorter image side (exactly GluonCV's at 600 px)."""
-    return tuple(round(s * min_size / REFERENCE_SIZE, 1) for s in REFERENCE_ANCHORS)
-
-
-def proposal_budget(min_size: int) -> dict[str, int]:
-    """The reference proposal and RoI counts scaled with the image area, (min_size / 600) ** 2.
-
-    Anchors, and so proposals, grow with the image area; scaling keeps the paper's recipe at 600 px
-    and keeps tiny CPU scenes from spending most of a step on RoIs (on CPU one training RoI costs
-    ~8 ms: RoIAlign's backward and stage 5).
-    """
-    scale = (min_size / REFERENCE_SIZE) ** 2
-    return {key: max(1, round(value * scale)) for key, value in REFERENCE_BUDGET.items()}
+# transfer.detection keys passed to torchvision's FasterRCNN under the same name
+FASTER_RCNN_KEYS = (
+    "min_size", "max_size",
+    "rpn_batch_size_per_image", "rpn_positive_fraction",
+    "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test",
+    "box_batch_size_per_image", "box_positive_fraction",
+)
 
 
 class C5BoxHead(nn.Module):
@@ -79,29 +57,26 @@ class C5BoxHead(nn.Module):
 def build_faster_rcnn(
     backbone: ResNet,
     num_classes: int,
-    style: str,
-    min_size: int,
-    max_size: int,
+    cfg: dict,
     image_mean: Sequence[float],
     image_std: Sequence[float],
 ) -> FasterRCNN:
-    """Faster-RCNN on a loaded backbone (BN frozen, stem and layer1 fixed); `num_classes` excludes
-    the background, which torchvision adds as label 0."""
+    """Faster-RCNN on a loaded backbone (BN frozen, `frozen_stages` fixed) as the `transfer.detection`
+    section `cfg` describes; `num_classes` excludes the background, which torchvision adds as label 0."""
+    style = cfg["style"]
     if style not in STYLES:
         raise ValueError(f"transfer.detection.style must be one of {list(STYLES)}, got {style!r}")
     freeze_batchnorm(backbone)
-    freeze_stages(backbone, FROZEN_STAGES)
-    sizes = anchor_sizes(min_size)
-    common = dict(
-        min_size=min_size, max_size=max_size, image_mean=list(image_mean), image_std=list(image_std),
-        **proposal_budget(min_size),
-    )
+    freeze_stages(backbone, tuple(cfg["frozen_stages"]))
+    sizes, ratios = tuple(cfg["anchor_sizes"]), tuple(cfg["aspect_ratios"])
+    common = dict(image_mean=list(image_mean), image_std=list(image_std),
+                  **{key: cfg[key] for key in FASTER_RCNN_KEYS})
     if style == "c4":
         trunk = IntermediateLayerGetter(backbone, return_layers={"layer3": "0"})
         trunk.out_channels = backbone.stage_channels["layer3"]
         return FasterRCNN(
             trunk,
-            rpn_anchor_generator=AnchorGenerator((sizes,), (ASPECT_RATIOS,)),
+            rpn_anchor_generator=AnchorGenerator((sizes,), (ratios,)),
             box_roi_pool=MultiScaleRoIAlign(["0"], output_size=14, sampling_ratio=2),
             box_head=C5BoxHead(backbone.layer4),
             box_predictor=FastRCNNPredictor(backbone.stage_channels["layer4"], num_classes + 1),
@@ -115,7 +90,7 @@ def build_faster_rcnn(
         out_channels=FPN_CHANNELS,
     )
     # one size per level: the four stages and the extra max-pooled level
-    anchors = AnchorGenerator(tuple((s,) for s in sizes), (ASPECT_RATIOS,) * len(sizes))
+    anchors = AnchorGenerator(tuple((s,) for s in sizes), (ratios,) * len(sizes))
     return FasterRCNN(fpn, num_classes=num_classes + 1, rpn_anchor_generator=anchors, **common)
 
 

@@ -3,7 +3,7 @@
 The backbone keeps output stride 8 (or 16) by dilating stages 4 and 5 (`backbone.DILATION`), the FCN
 head reads layer4, an optional auxiliary head reads layer3, and both are upsampled bilinearly to the
 input size. Training follows GluonCV's and torchvision's segmentation references: the shorter side is
-rescaled to a random size in [0.5, 2] x base_size, a crop_size square is cut at random (padding
+rescaled to a random size in scale_range x base_size, a crop_size square is cut at random (padding
 with the ignore label where the image is smaller), half the crops are flipped; SGD with the poly
 schedule. Evaluation resizes each validation image's shorter side to base_size, predicts, upsamples
 the logits back to the image's own size and scores against its full-resolution mask.
@@ -23,9 +23,6 @@ from torchvision.models.segmentation.fcn import FCN, FCNHead
 from pipeline_src.models.resnet import ResNet
 from pipeline_src.transfer import ade20k
 from pipeline_src.transfer.metrics import SegmentationMeter
-
-SCALE_RANGE = (0.5, 2.0)  # random shorter side, as a fraction of base_size
-AUX_WEIGHT = 0.5  # weight of the auxiliary head's loss (GluonCV and torchvision)
 
 
 def build_fcn(backbone: ResNet, num_classes: int, aux_loss: bool) -> FCN:
@@ -51,11 +48,12 @@ def resize_shorter(image: torch.Tensor, size: int, mode: str) -> torch.Tensor:
 
 
 class TrainTransform:
-    """Random rescale around base_size, random crop of crop_size (padded with the ignore label), flip."""
+    """Random rescale to scale_range x base_size, random crop of crop_size (padded with ignore), flip."""
 
-    def __init__(self, base_size: int, crop_size: int, mean: Sequence[float], std: Sequence[float],
-                 generator: torch.Generator) -> None:
+    def __init__(self, base_size: int, crop_size: int, scale_range: Sequence[float], mean: Sequence[float],
+                 std: Sequence[float], generator: torch.Generator) -> None:
         self.base_size, self.crop_size = base_size, crop_size
+        self.scale_range = tuple(scale_range)
         self.mean, self.std = torch.tensor(mean), torch.tensor(std)
         self.generator = generator
 
@@ -64,7 +62,8 @@ class TrainTransform:
         return int(torch.randint(low, high + 1, (1,), generator=self.generator))
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        short = self._randint(int(SCALE_RANGE[0] * self.base_size), int(SCALE_RANGE[1] * self.base_size))
+        low, high = self.scale_range
+        short = self._randint(int(low * self.base_size), int(high * self.base_size))
         image = _normalize(resize_shorter(image, short, "bilinear"), self.mean, self.std)
         mask = resize_shorter(mask[None], short, "nearest")[0]
         h, w = mask.shape
@@ -82,24 +81,25 @@ class TrainTransform:
 
 
 def train_loader(records: Sequence[ade20k.ADERecord], num_classes: int, batch_size: int, base_size: int,
-                 crop_size: int, mean: Sequence[float], std: Sequence[float], seed: int) -> DataLoader:
+                 crop_size: int, scale_range: Sequence[float], mean: Sequence[float], std: Sequence[float],
+                 seed: int) -> DataLoader:
     """Shuffled batches of equal-size crops; the order and augmentation follow `seed`."""
     if len(records) < batch_size:
         raise ValueError(
             f"the training split has {len(records)} images, fewer than one batch "
             f"(transfer.segmentation.batch_size={batch_size}); lower the batch size"
         )
-    transform = TrainTransform(base_size, crop_size, mean, std, torch.Generator().manual_seed(seed))
+    transform = TrainTransform(base_size, crop_size, scale_range, mean, std, torch.Generator().manual_seed(seed))
     dataset = ade20k.ADE20KSegmentation(records, num_classes, transform)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
                       generator=torch.Generator().manual_seed(seed))
 
 
-def fcn_loss(outputs: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-    """Pixel-wise cross-entropy over labelled pixels, plus AUX_WEIGHT x that of the auxiliary head."""
+def fcn_loss(outputs: dict[str, torch.Tensor], target: torch.Tensor, aux_weight: float) -> torch.Tensor:
+    """Pixel-wise cross-entropy over labelled pixels, plus aux_weight x that of the auxiliary head."""
     loss = F.cross_entropy(outputs["out"], target, ignore_index=ade20k.IGNORE_INDEX)
     if "aux" in outputs:
-        loss = loss + AUX_WEIGHT * F.cross_entropy(outputs["aux"], target, ignore_index=ade20k.IGNORE_INDEX)
+        loss = loss + aux_weight * F.cross_entropy(outputs["aux"], target, ignore_index=ade20k.IGNORE_INDEX)
     return loss
 
 
@@ -109,13 +109,14 @@ def poly_scheduler(optimizer: torch.optim.Optimizer, max_iters: int, power: floa
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device) -> dict[str, float]:
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, aux_weight: float,
+                    device: torch.device) -> dict[str, float]:
     """One pass with a scheduler step per iteration; returns the mean loss and images per second."""
     model.train()
     loss_sum, batches, images_seen, start = 0.0, 0, 0, time.perf_counter()
     for images, masks in loader:
         images, masks = images.to(device), masks.to(device)
-        loss = fcn_loss(model(images), masks)
+        loss = fcn_loss(model(images), masks, aux_weight)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"segmentation loss is {loss.item()}; lower transfer.segmentation.lr")
         optimizer.zero_grad(set_to_none=True)

@@ -48,12 +48,10 @@ def run(params: dict, backbone: str, seed: int) -> dict:
     device = bb.pick_device(params)
     trunk, meta = bb.load_backbone(ckpt, P.resolve_run(params, backbone)["model"])
     mean, std = bb.normalization(params, backbone)
-    model = detection.build_faster_rcnn(
-        trunk, len(classes), cfg["style"], cfg["min_size"], cfg["max_size"], mean, std
-    ).to(device)
+    model = detection.build_faster_rcnn(trunk, len(classes), cfg, mean, std).to(device)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
                                 momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg["lr_milestones"], detection.LR_DECAY)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg["lr_milestones"], cfg["lr_decay"])
     loader = detection.train_loader(train_records, cfg["batch_size"], cfg["train_difficult"], seed)
 
     tags = {"task": TASK, "backbone": backbone, "style": cfg["style"], "backbone_checkpoint": str(ckpt)}

@@ -46,7 +46,7 @@ def run(params: dict, backbone: str, seed: int) -> dict:
     mean, std = bb.normalization(params, backbone)
     model = segmentation.build_fcn(trunk, num_classes, cfg["aux_loss"]).to(device)
     loader = segmentation.train_loader(train_records, num_classes, cfg["batch_size"], cfg["base_size"],
-                                       cfg["crop_size"], mean, std, seed)
+                                       cfg["crop_size"], cfg["scale_range"], mean, std, seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
                                 weight_decay=cfg["weight_decay"])
     scheduler = segmentation.poly_scheduler(optimizer, cfg["epochs"] * len(loader), cfg["poly_power"])
@@ -55,7 +55,7 @@ def run(params: dict, backbone: str, seed: int) -> dict:
     with tracking.start_run(params, f"transfer-{TASK}/{backbone}", seed, tags) as tracker:
         for epoch in range(cfg["epochs"]):
             lr, epoch_start = optimizer.param_groups[0]["lr"], time.perf_counter()
-            stats = segmentation.train_one_epoch(model, loader, optimizer, scheduler, device)
+            stats = segmentation.train_one_epoch(model, loader, optimizer, scheduler, cfg["aux_weight"], device)
             stats.update(lr=lr, epoch_time_s=time.perf_counter() - epoch_start)
             tracker.log_metrics(stats, step=epoch)
             print(json.dumps({"task": TASK, "backbone": backbone, "seed": seed, "epoch": epoch, **stats}), flush=True)
