@@ -101,9 +101,13 @@ def _check_beton(beton: Path) -> Path:
 
 
 def image_pipeline(decoder, worker_ops: list, device: torch.device, channels_last: bool) -> PipelineSpec:
-    """decoder -> numba ops -> torch tensor NCHW on `device` (the order ffcv needs: numba ops first)."""
-    transforms = [*worker_ops, ToTensor(), ToDevice(device, non_blocking=True),
-                  ToTorchImage(channels_last=channels_last)]
+    """decoder -> numba ops -> torch tensor NCHW on `device` (the order ffcv needs: numba ops first).
+
+    On the CPU the batch stays in the buffer of the last numba op: ToDevice(cpu) would only copy it
+    into another buffer that ffcv recycles in the same way (batches_ahead + 2 slots per op).
+    """
+    to_device = [] if device.type == "cpu" else [ToDevice(device, non_blocking=True)]
+    transforms = [*worker_ops, ToTensor(), *to_device, ToTorchImage(channels_last=channels_last)]
     return PipelineSpec("image", decoder=decoder, transforms=transforms)
 
 
