@@ -17,6 +17,7 @@ the median of the per-repeat ratios. The synthetic data and the beton are cached
 from __future__ import annotations
 
 import argparse
+import ctypes
 import io
 import json
 import os
@@ -173,9 +174,20 @@ def main(argv: list[str] | None = None) -> dict:
     train_dir, beton = prepare_data(args.workdir, args.images, args.min_size, args.max_size)
 
     load_before = round(os.getloadavg()[0], 2)
-    timed = interleave({"ffcv": make_train_loader(beton, params, args.batch, 0, torch.device("cpu")),
-                        "torchvision": torchvision_loader(train_dir, params, args.batch, args.workers)},
-                       args.epochs, args.repeats)
+    # numba's TBB pool prints a warning on stdout when the DataLoader forks its workers: keep
+    # stdout for the JSON by pointing file descriptor 1 at stderr while the loaders run
+    sys.stdout.flush()
+    stdout_fd = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        timed = interleave({"ffcv": make_train_loader(beton, params, args.batch, 0, torch.device("cpu")),
+                            "torchvision": torchvision_loader(train_dir, params, args.batch, args.workers)},
+                           args.epochs, args.repeats)
+    finally:
+        sys.stdout.flush()
+        ctypes.CDLL(None).fflush(None)  # C stdio buffers too
+        os.dup2(stdout_fd, 1)
+        os.close(stdout_fd)
     ffcv, tv = timed["ffcv"], timed["torchvision"]
     files = sorted(train_dir.rglob("*.JPEG"))[:: max(1, args.images // args.decode_files)][: args.decode_files]
     decode = decode_rates(files)
