@@ -268,6 +268,11 @@ def fused_augment(src, dst, mirror, m, beta, steps, shift, lighting, mean, inv_s
 
 
 @njit(cache=True)
+def _no_augment(src, dst, sample, seed, epoch):
+    """The decoder's per-crop hook when it has no FusedAugment."""
+
+
+@njit(cache=True)
 def decode_scale(height, width, out_h, out_w, max_scale):
     """The largest JPEG decode scale 1/d (d in 1, 2, 4, 8; d <= max_scale) at which a crop box of
     height x width still covers out_h x out_w pixels, so the resize after it only shrinks."""
@@ -286,10 +291,14 @@ class SeededRandomResizedCrop(Operation):
     2x (4x, 8x) the output on both sides is decoded at 1/2 (1/4, 1/8) scale in libjpeg-turbo's IDCT,
     up to `max_decode_scale` (1 turns it off), with the box's (fractional) coordinates scaled alike,
     so the crop is the same region. Boxes smaller than the output (upscaling) use ffcv's resize.
+
+    With `augment` (a FusedAugment) the decoder applies it to each crop right after the resize, in the
+    same parallel loop while the crop is in cache, and outputs its float32 images.
     """
 
     def __init__(self, output_size: tuple[int, int], area: tuple[float, float],
-                 ratio: tuple[float, float], state: EpochState, max_decode_scale: int = 2):
+                 ratio: tuple[float, float], state: EpochState, max_decode_scale: int = 2,
+                 augment: "FusedAugment | None" = None):
         super().__init__()
         if max_decode_scale not in (1, 2, 4, 8):
             raise ValueError(f"max_decode_scale must be 1, 2, 4 or 8, got {max_decode_scale}")
@@ -298,15 +307,18 @@ class SeededRandomResizedCrop(Operation):
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.state = state
         self.max_decode_scale = max_decode_scale
+        self.augment = augment
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
         max_pixels = np.uint64(self.metadata["width"].max()) * np.uint64(self.metadata["height"].max())
         shape = (*self.output_size, 3)
         u8 = np.dtype("<u1")
-        return (
-            replace(previous_state, jit_mode=True, shape=shape, dtype=u8),
-            (AllocationQuery(shape, u8), AllocationQuery((max_pixels * np.uint64(3),), u8)),
-        )
+        temp = AllocationQuery((max_pixels * np.uint64(3),), u8)
+        if self.augment is None:
+            return replace(previous_state, jit_mode=True, shape=shape, dtype=u8), (AllocationQuery(shape, u8), temp)
+        f32 = np.dtype("float32")
+        return (replace(previous_state, jit_mode=True, shape=shape, dtype=f32),
+                (AllocationQuery(shape, f32), temp, AllocationQuery(shape, u8)))
 
     def generate_code(self) -> Callable:
         jpg = IMAGE_MODES["jpg"]
@@ -322,9 +334,15 @@ class SeededRandomResizedCrop(Operation):
         out_h, out_w = self.output_size
         max_scale = self.max_decode_scale
         sample_key, random_crop, stream = draws.sample_key, draws.random_crop, draws.STREAM_CROP
+        augmented = self.augment is not None
+        apply = self.augment.per_image() if augmented else _no_augment
 
         def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, temp_storage = my_storage
+            if augmented:
+                destination, temp_storage, crops = my_storage
+            else:
+                destination, temp_storage = my_storage
+                crops = destination
             seed, epoch = read_state()
             for dst_ix in my_range(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
@@ -345,10 +363,13 @@ class SeededRandomResizedCrop(Operation):
                     image = temp_buffer.reshape(-1)[:3 * sh * sw].reshape(sh, sw, 3)
                 else:
                     image = image_data.reshape(height, width, 3)
+                crop = crops[dst_ix]
                 if h >= out_h and w >= out_w:
-                    area_resize(image, top / scale, left / scale, h / scale, w / scale, destination[dst_ix])
+                    area_resize(image, top / scale, left / scale, h / scale, w / scale, crop)
                 else:
-                    resize_crop_c(image, top, top + h, left, left + w, destination[dst_ix])
+                    resize_crop_c(image, top, top + h, left, left + w, crop)
+                if augmented:
+                    apply(crop, destination[dst_ix], source_ix, seed, epoch)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
@@ -505,9 +526,8 @@ class FusedAugment(_SampleOp):
         return tuple(name for name, on in (("flip", self.flip), ("jitter", bool(self.strengths.any())),
                                            ("lighting", self.lighting_std > 0), ("normalize", True)) if on)
 
-    def generate_code(self) -> Callable:
-        my_range = Compiler.get_iterator()
-        read_state = _state_reader(self.state.address)
+    def per_image(self) -> Callable:
+        """A compiled apply(src, dst, sample, seed, epoch): this op on one image (draws included)."""
         flip, jitter, lighting = self.flip, bool(self.strengths.any()), self.lighting_std > 0
         strengths, std, eigval, eigvec = self.strengths, self.lighting_std, self.eigval, self.eigvec
         mean, inv_std = self.mean, self.inv_std
@@ -516,20 +536,30 @@ class FusedAugment(_SampleOp):
         s_flip, s_jitter, s_lighting = draws.STREAM_FLIP, draws.STREAM_JITTER, draws.STREAM_LIGHTING
         max_steps = draws.MAX_STEPS
 
+        @njit
+        def apply(src, dst, sample, seed, epoch):
+            mirror = flip and flip_draw(sample_key(seed, epoch, sample, s_flip))
+            m = np.zeros((max_steps, 3, 3))
+            beta = np.zeros(max_steps)
+            steps = 0
+            if jitter:
+                steps = color_steps(sample_key(seed, epoch, sample, s_jitter), strengths, m, beta)
+            shift = np.zeros(3)
+            if lighting:
+                shift = lighting_shift(sample_key(seed, epoch, sample, s_lighting), std, eigval, eigvec)
+            fused_augment(src, dst, mirror, m, beta, steps, shift, lighting, mean, inv_std)
+
+        return apply
+
+    def generate_code(self) -> Callable:
+        my_range = Compiler.get_iterator()
+        read_state = _state_reader(self.state.address)
+        apply = self.per_image()
+
         def augment(images, dst, indices):
             seed, epoch = read_state()
             for i in my_range(images.shape[0]):
-                sample = indices[i]
-                mirror = flip and flip_draw(sample_key(seed, epoch, sample, s_flip))
-                m = np.zeros((max_steps, 3, 3))
-                beta = np.zeros(max_steps)
-                steps = 0
-                if jitter:
-                    steps = color_steps(sample_key(seed, epoch, sample, s_jitter), strengths, m, beta)
-                shift = np.zeros(3)
-                if lighting:
-                    shift = lighting_shift(sample_key(seed, epoch, sample, s_lighting), std, eigval, eigvec)
-                fused_augment(images[i], dst[i], mirror, m, beta, steps, shift, lighting, mean, inv_std)
+                apply(images[i], dst[i], indices[i], seed, epoch)
             return dst[:images.shape[0]]
 
         augment.is_parallel = True

@@ -255,9 +255,12 @@ def make_train_loader(beton: Path, params: dict, batch_size: int, seed: int, dev
     state = EpochState(seed)
     in_workers = device.type == "cpu" if colour_on_device is None else not colour_on_device
     res = cfg["res"]
-    decoder = SeededRandomResizedCrop((res, res), aug.area, aug.ratio, state, max_decode_scale)
+    worker_ops = train_ops(aug, state, in_workers, fused)
+    # the fused op runs inside the decoder's loop, on each crop while it is in cache
+    folded = worker_ops.pop() if len(worker_ops) == 1 and isinstance(worker_ops[0], FusedAugment) else None
+    decoder = SeededRandomResizedCrop((res, res), aug.area, aug.ratio, state, max_decode_scale, folded)
     pipelines = {
-        "image": image_pipeline(decoder, train_ops(aug, state, in_workers, fused), device, channels_last),
+        "image": image_pipeline(decoder, worker_ops, device, channels_last),
         "label": _label_pipeline(device),
     }
     device_ops = None
