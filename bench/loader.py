@@ -95,29 +95,45 @@ def torchvision_loader(train_dir: Path, params: dict, batch: int, workers: int):
                                        persistent_workers=True)
 
 
-def time_block(loader, epochs: int) -> tuple[int, float]:
-    """Images and seconds of `epochs` full epochs."""
-    seen, start = 0, time.perf_counter()
+def cpu_seconds(loader) -> float:
+    """CPU time (user + system) of this process and of a DataLoader's worker processes so far."""
+    total = time.process_time()
+    workers = getattr(getattr(loader, "_iterator", None), "_workers", None) or []
+    for worker in workers:
+        try:
+            fields = Path(f"/proc/{worker.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def time_block(loader, epochs: int) -> tuple[int, float, float]:
+    """Images, seconds and CPU seconds (all processes of the loader) of `epochs` full epochs."""
+    seen, start, cpu = 0, time.perf_counter(), cpu_seconds(loader)
     for _ in range(epochs):
         for images, _labels in loader:
             seen += images.shape[0]
-    return seen, time.perf_counter() - start
+    return seen, time.perf_counter() - start, cpu_seconds(loader) - cpu
 
 
 def interleave(loaders: dict, epochs: int, repeats: int) -> dict[str, dict]:
     """One untimed warm-up epoch each, then `repeats` timed blocks each, alternating (AB BA AB ...)."""
     names = list(loaders)
-    out: dict[str, dict] = {name: {"images": 0, "seconds": 0.0, "blocks": []} for name in names}
+    out: dict[str, dict] = {name: {"images": 0, "seconds": 0.0, "cpu_seconds": 0.0, "blocks": []} for name in names}
     for name in names:
         time_block(loaders[name], 1)
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
-            images, seconds = time_block(loaders[name], epochs)
+            images, seconds, cpu = time_block(loaders[name], epochs)
             out[name]["images"] += images
             out[name]["seconds"] = round(out[name]["seconds"] + seconds, 3)
+            out[name]["cpu_seconds"] = round(out[name]["cpu_seconds"] + cpu, 3)
             out[name]["blocks"].append(round(images / seconds, 1))
     for name in names:
         out[name]["images_per_s"] = round(statistics.median(out[name]["blocks"]), 1)
+        # CPU time per image does not depend on how much of the machine other processes take
+        out[name]["cpu_ms_per_image"] = round(1000 * out[name]["cpu_seconds"] / out[name]["images"], 3)
     return out
 
 
@@ -202,6 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
         "torchvision_images_per_s_per_core": round(tv["images_per_s"] / args.workers, 1),
         "decode_images_per_s_one_core": decode,
         "ffcv_per_core_over_turbojpeg_decode": round(per_core / decode["ffcv_turbojpeg"], 2),
+        "cpu_ratio": round(tv["cpu_ms_per_image"] / ffcv["cpu_ms_per_image"], 2),
+        "ffcv_cpu_images_per_s_per_core": round(1000 / ffcv["cpu_ms_per_image"], 1),
+        "ffcv_cpu_per_core_over_turbojpeg_decode": round(1000 / ffcv["cpu_ms_per_image"] / decode["ffcv_turbojpeg"], 2),
         "cpu_count": os.cpu_count(),
         "load_average_1min": round(os.getloadavg()[0], 2),
         "load_average_1min_at_start": load_before,
