@@ -1,11 +1,13 @@
 """ffcv train / val loaders built from params, for a CPU or a CUDA training loop.
 
-One definition, two device paths. Crop and flip always run in the loader's numba workers on
-uint8 (flip: on the CUDA path only; on the CPU path it is part of the fused op). Then either
-  * CPU: flip, ColorJitter -> PCALighting -> Normalize as one fused numba op in the workers
-    (`FusedAugment`; `fused=False` runs the four ops one after the other), float32 batches; or
-  * CUDA: the uint8 batch goes to the GPU (`ToDevice(non_blocking=True)`) and `gpu.DeviceAugment`
-    applies the same jitter, lighting and normalization as torch ops there.
+One definition, two device paths. The random-resized crop always runs in the loader's numba
+workers (the decoder, `SeededRandomResizedCrop`). Then either
+  * CPU: flip, ColorJitter -> PCALighting -> Normalize as one fused numba op (`FusedAugment`) that
+    the decoder applies to each crop in its own loop, float32 batches (`fused=False`: the four ops
+    one after the other, the reference the tests compare with); or
+  * CUDA: flip in the workers on uint8, then the uint8 batch goes to the GPU
+    (`ToDevice(non_blocking=True)`) and `gpu.DeviceAugment` applies the same jitter, lighting and
+    normalization as torch ops there.
 An augmentation whose params value is off (flip false, a strength 0) is left out of both paths.
 No CUDA call is made unless `device` is a CUDA device.
 
