@@ -3,20 +3,25 @@
 Both read the same synthetic ImageNet-like JPEGs (pipeline_src.synthetic at 300-500 px) and produce
 the same batches: random-resized crop to --res, flip, colour jitter 0.4, PCA lighting 0.1,
 normalize; same worker count and batch size. After one warm-up epoch each (numba compilation,
-page cache, worker start-up), --epochs epochs are timed. Also timed: single-threaded JPEG decode of
-the same files with PIL, OpenCV and ffcv's libjpeg-turbo decoder, the ceiling of any loader per core.
+page cache, worker start-up), timed blocks of --epochs epochs alternate the two loaders, the order
+flipping every repeat (AB BA AB ...), so load from other processes hits both; each loader's figure
+is the median of its --repeats blocks. Also timed: single-threaded JPEG decode of the same files
+with PIL, OpenCV and ffcv's libjpeg-turbo decoder, the ceiling of any loader per core.
 
-    python bench/loader.py [--images 2000] [--epochs 2] [--res 128] [--workers 2] [--batch 64]
+    python bench/loader.py [--images 2000] [--epochs 1] [--repeats 5] [--res 128] [--workers 2] [--batch 64]
 
-Prints one JSON object; `speedup` = ffcv images/s / torchvision images/s. The synthetic data and
-the beton are cached in --workdir (default $TMPDIR/tricks-bench-loader) and reused by later runs.
+Prints one JSON object; `speedup` = ffcv images/s / torchvision images/s (medians), `speedup_paired`
+the median of the per-repeat ratios. The synthetic data and the beton are cached in --workdir
+(default $TMPDIR/tricks-bench-loader) and reused by later runs.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import io
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -90,16 +95,46 @@ def torchvision_loader(train_dir: Path, params: dict, batch: int, workers: int):
                                        persistent_workers=True)
 
 
-def time_epochs(loader, epochs: int) -> dict:
-    """One untimed warm-up epoch, then `epochs` timed ones."""
-    for _ in loader:
-        pass
-    seen, start = 0, time.perf_counter()
+def cpu_seconds(loader) -> float:
+    """CPU time (user + system) of this process and of a DataLoader's worker processes so far."""
+    total = time.process_time()
+    workers = getattr(getattr(loader, "_iterator", None), "_workers", None) or []
+    for worker in workers:
+        try:
+            fields = Path(f"/proc/{worker.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def time_block(loader, epochs: int) -> tuple[int, float, float]:
+    """Images, seconds and CPU seconds (all processes of the loader) of `epochs` full epochs."""
+    seen, start, cpu = 0, time.perf_counter(), cpu_seconds(loader)
     for _ in range(epochs):
         for images, _labels in loader:
             seen += images.shape[0]
-    elapsed = time.perf_counter() - start
-    return {"images": seen, "seconds": round(elapsed, 3), "images_per_s": round(seen / elapsed, 1)}
+    return seen, time.perf_counter() - start, cpu_seconds(loader) - cpu
+
+
+def interleave(loaders: dict, epochs: int, repeats: int) -> dict[str, dict]:
+    """One untimed warm-up epoch each, then `repeats` timed blocks each, alternating (AB BA AB ...)."""
+    names = list(loaders)
+    out: dict[str, dict] = {name: {"images": 0, "seconds": 0.0, "cpu_seconds": 0.0, "blocks": []} for name in names}
+    for name in names:
+        time_block(loaders[name], 1)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            images, seconds, cpu = time_block(loaders[name], epochs)
+            out[name]["images"] += images
+            out[name]["seconds"] = round(out[name]["seconds"] + seconds, 3)
+            out[name]["cpu_seconds"] = round(out[name]["cpu_seconds"] + cpu, 3)
+            out[name]["blocks"].append(round(images / seconds, 1))
+    for name in names:
+        out[name]["images_per_s"] = round(statistics.median(out[name]["blocks"]), 1)
+        # CPU time per image does not depend on how much of the machine other processes take
+        out[name]["cpu_ms_per_image"] = round(1000 * out[name]["cpu_seconds"] / out[name]["images"], 3)
+    return out
 
 
 def decode_rates(files: list[Path]) -> dict:
@@ -138,7 +173,8 @@ def decode_rates(files: list[Path]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per timed block")
+    parser.add_argument("--repeats", type=int, default=5, help="timed blocks per loader")
     parser.add_argument("--res", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
@@ -153,8 +189,22 @@ def main(argv: list[str] | None = None) -> dict:
                                   "loader.order=random", "loader.drop_last=true", "loader.os_cache=true"])
     train_dir, beton = prepare_data(args.workdir, args.images, args.min_size, args.max_size)
 
-    ffcv = time_epochs(make_train_loader(beton, params, args.batch, 0, torch.device("cpu")), args.epochs)
-    tv = time_epochs(torchvision_loader(train_dir, params, args.batch, args.workers), args.epochs)
+    load_before = round(os.getloadavg()[0], 2)
+    # numba's TBB pool prints a warning on stdout when the DataLoader forks its workers: keep
+    # stdout for the JSON by pointing file descriptor 1 at stderr while the loaders run
+    sys.stdout.flush()
+    stdout_fd = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        timed = interleave({"ffcv": make_train_loader(beton, params, args.batch, 0, torch.device("cpu")),
+                            "torchvision": torchvision_loader(train_dir, params, args.batch, args.workers)},
+                           args.epochs, args.repeats)
+    finally:
+        sys.stdout.flush()
+        ctypes.CDLL(None).fflush(None)  # C stdio buffers too
+        os.dup2(stdout_fd, 1)
+        os.close(stdout_fd)
+    ffcv, tv = timed["ffcv"], timed["torchvision"]
     files = sorted(train_dir.rglob("*.JPEG"))[:: max(1, args.images // args.decode_files)][: args.decode_files]
     decode = decode_rates(files)
     per_core = ffcv["images_per_s"] / args.workers
@@ -163,12 +213,17 @@ def main(argv: list[str] | None = None) -> dict:
         "ffcv": ffcv,
         "torchvision": tv,
         "speedup": round(ffcv["images_per_s"] / tv["images_per_s"], 2),
+        "speedup_paired": round(statistics.median(a / b for a, b in zip(ffcv["blocks"], tv["blocks"])), 2),
         "ffcv_images_per_s_per_core": round(per_core, 1),
         "torchvision_images_per_s_per_core": round(tv["images_per_s"] / args.workers, 1),
         "decode_images_per_s_one_core": decode,
         "ffcv_per_core_over_turbojpeg_decode": round(per_core / decode["ffcv_turbojpeg"], 2),
+        "cpu_ratio": round(tv["cpu_ms_per_image"] / ffcv["cpu_ms_per_image"], 2),
+        "ffcv_cpu_images_per_s_per_core": round(1000 / ffcv["cpu_ms_per_image"], 1),
+        "ffcv_cpu_per_core_over_turbojpeg_decode": round(1000 / ffcv["cpu_ms_per_image"] / decode["ffcv_turbojpeg"], 2),
         "cpu_count": os.cpu_count(),
         "load_average_1min": round(os.getloadavg()[0], 2),
+        "load_average_1min_at_start": load_before,
     }
     print(json.dumps(result, indent=2))
     return result

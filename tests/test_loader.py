@@ -16,8 +16,10 @@ import pytest
 import torch
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
+from ffcv.libffcv import resize_crop
 from ffcv.loader import Loader
 from ffcv.pipeline.operation import Operation
+from ffcv.reader import Reader
 from ffcv.transforms import ToTensor
 from ffcv.writer import DatasetWriter
 from PIL import Image
@@ -262,6 +264,94 @@ def test_torch_ops_match_the_numba_ops():
     assert torch.allclose(out.permute(0, 2, 3, 1), torch.from_numpy(expected), atol=2e-3)
 
 
+def sequential_augment(src: np.ndarray, mirror: bool, m, beta, steps: int, shift, lighting: bool,
+                       mean: np.ndarray, inv_std: np.ndarray) -> np.ndarray:
+    """What SeededFlip -> ColorJitter -> PCALighting -> Normalize compute, kernel by kernel."""
+    flipped = np.empty_like(src)
+    loader_ops.copy_image(src, flipped, mirror)
+    x = flipped.astype(np.float32)
+    if steps:
+        loader_ops.apply_color_steps(x, m, beta, steps)
+    if lighting:
+        lit = np.empty_like(x)
+        loader_ops.apply_shift(x, lit, shift.astype(np.float32))
+        x = lit
+    return (x - mean) * inv_std
+
+
+@pytest.mark.parametrize("strengths, lighting_std, h, w", [
+    ((0.4, 0.4, 0.4, 0.0), 0.1, 12, 10), ((0.4, 0.4, 0.4, 0.1), 0.1, 9, 16), ((0.0, 0.5, 0.0, 0.0), 0.0, 16, 16),
+    ((0.0, 0.0, 0.0, 0.0), 0.1, 7, 5), ((0.0, 0.0, 0.0, 0.0), 0.0, 8, 8), ((0.9, 0.9, 0.9, 0.2), 0.5, 11, 13)])
+def test_fused_augment_equals_the_sequential_ops(strengths, lighting_std, h, w):
+    """One fused pass gives what the four ops give in sequence, for every draw (hue, strong factors that clip)."""
+    rng = np.random.default_rng(7)
+    strengths = np.array(strengths)
+    mean, inv_std = np.array([123.68, 116.779, 103.939], np.float32), (1 / np.array([58.4, 57.1, 57.4])).astype(np.float32)
+    for sample in range(40):
+        src = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+        if sample % 3 == 0:  # mostly dark or bright images, so that the steps clip
+            src = np.clip(src.astype(int) // 4 + (0 if sample % 2 else 190), 0, 255).astype(np.uint8)
+        mirror = bool(sample % 2)
+        m, beta = np.zeros((4, 3, 3)), np.zeros(4)
+        steps = draws.color_steps(key(1, 0, sample, draws.STREAM_JITTER), strengths, m, beta) if strengths.any() else 0
+        shift = draws.lighting_shift(key(1, 0, sample, draws.STREAM_LIGHTING), lighting_std, draws.PCA_EIGVAL,
+                                     draws.PCA_EIGVEC)
+        lighting = lighting_std > 0
+        expected = sequential_augment(src, mirror, m, beta, steps, shift, lighting, mean, inv_std)
+        got = np.empty((h, w, 3), np.float32)
+        loader_ops.fused_augment(src, got, mirror, m, beta, steps, shift, lighting, mean, inv_std)
+        assert np.abs(got - expected).max() < 2e-4  # float32 rounding; one grey level is ~0.017
+    assert steps == np.count_nonzero(strengths)
+
+
+def opencv_area(src: np.ndarray, top: int, left: int, h: int, w: int, out: tuple[int, int]) -> np.ndarray:
+    """ffcv's crop resize (OpenCV INTER_AREA), which `area_resize` replaces."""
+    dst = np.empty((*out, 3), np.uint8)
+    resize_crop(src, top, top + h, left, left + w, dst)
+    return dst
+
+
+@pytest.mark.parametrize("shape, out", [((300, 400), (128, 128)), ((97, 61), (32, 32)), ((64, 64), (32, 32)),
+                                        ((50, 80), (50, 40)), ((33, 200), (16, 31))])
+def test_area_resize_is_opencv_inter_area(shape, out):
+    """Our separable box filter against OpenCV's INTER_AREA (ffcv's resize) on crop boxes, noisy and blocky."""
+    rng = np.random.default_rng(3)
+    smooth = np.repeat(np.repeat(rng.integers(0, 256, (shape[0] // 8 + 1, shape[1] // 8 + 1, 3)), 8, 0), 8, 1)
+    images = [rng.integers(0, 256, (*shape, 3)).astype(np.uint8), smooth[:shape[0], :shape[1]].astype(np.uint8)]
+    for img in images:
+        for k in range(20):
+            top, left, h, w = draws.random_crop(key(0, 0, k, 1), shape[0], shape[1], 0.3, 1.0, 0.75, 4 / 3)
+            h, w = max(h, out[0]), max(w, out[1])
+            top, left = min(top, shape[0] - h), min(left, shape[1] - w)
+            got = np.empty((*out, 3), np.uint8)
+            loader_ops.area_resize(img, float(top), float(left), float(h), float(w), got)
+            diff = np.abs(got.astype(int) - opencv_area(img, top, left, h, w, out).astype(int))
+            assert diff.max() <= 1 and diff.mean() < 0.05  # rounding of the float sums only
+
+
+def test_area_resize_takes_fractional_boxes():
+    """A box at half coordinates on an image equals the whole-pixel box on its 2x pixel-repeated copy."""
+    rng = np.random.default_rng(4)
+    small = rng.integers(0, 256, (45, 70, 3)).astype(np.uint8)
+    big = np.repeat(np.repeat(small, 2, 0), 2, 1)
+    for k in range(30):
+        top, left, h, w = draws.random_crop(key(0, 0, k, 1), 90, 140, 0.3, 1.0, 0.75, 4 / 3)
+        a, b = np.empty((24, 24, 3), np.uint8), np.empty((24, 24, 3), np.uint8)
+        loader_ops.area_resize(small, top / 2, left / 2, h / 2, w / 2, a)
+        loader_ops.area_resize(big, float(top), float(left), float(h), float(w), b)
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_decode_scale_keeps_the_crop_at_least_the_output_size():
+    assert loader_ops.decode_scale(255, 400, 128, 128, 8) == 1
+    assert loader_ops.decode_scale(256, 400, 128, 128, 8) == 2
+    assert loader_ops.decode_scale(400, 256, 128, 128, 2) == 2
+    assert loader_ops.decode_scale(300, 300, 32, 32, 8) == 8
+    assert loader_ops.decode_scale(300, 300, 32, 32, 4) == 4
+    assert loader_ops.decode_scale(300, 300, 32, 32, 1) == 1
+    assert loader_ops.decode_scale(127, 1000, 32, 32, 8) == 2
+
+
 # --------------------------------------------------------------------------- loaders
 
 
@@ -343,14 +433,72 @@ def test_device_path_gives_the_worker_path_batches(train_epochs, textured_beton)
 
 
 @pytest.mark.timeout(120)
+def test_fused_loader_gives_the_sequential_ops_batches(textured_beton):
+    """The default (fused) worker path against the four ops one by one, whole epochs, hue on too."""
+    params = load_params("augment.hue=0.1")
+    fused = take_epoch(make_train_loader(textured_beton, params, BATCH, 4, torch.device("cpu")), 1)
+    plain = take_epoch(make_train_loader(textured_beton, params, BATCH, 4, torch.device("cpu"), fused=False), 1)
+    assert len(fused) == len(plain) == N_TEXTURED // BATCH
+    for (x1, y1), (x2, y2) in zip(fused, plain):
+        assert torch.equal(y1, y2)
+        assert (x1 - x2).abs().max() < 2e-4
+
+
+@pytest.fixture(scope="module")
+def large_jpeg_beton(tmp_path_factory) -> Path:
+    """Photo-like JPEGs (smooth shapes, edges, mild noise) big enough for reduced-scale decoding at 32 px."""
+    rng = np.random.default_rng(5)
+    images = []
+    for i in range(24):
+        h, w = (192, 256) if i % 2 else (256, 208)
+        img = gradient(h, w).astype(np.float64)
+        y, x = np.mgrid[0:h, 0:w]
+        for _ in range(4):  # discs of flat colour: sharp edges
+            cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(15, 60)
+            img[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = rng.integers(0, 256, 3)
+        images.append(np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8))
+    path = tmp_path_factory.mktemp("betons") / "large.beton"
+    fields = {"image": RGBImageField(write_mode="jpg"), "label": IntField()}
+    DatasetWriter(str(path), fields, num_workers=1).from_indexed_dataset(Images(images))
+    return path
+
+
+@pytest.mark.timeout(120)
+def test_reduced_scale_decode_gives_the_full_decode_crops(large_jpeg_beton):
+    """JPEGs decoded at 1/2 .. 1/8 scale (crop box >= 2x .. 8x the output) against the full decode."""
+    params = load_params("augment.crop_area=[0.3,1.0]", "augment.flip=false", "augment.brightness=0",
+                         "augment.contrast=0", "augment.saturation=0", "augment.lighting_std=0")
+    aug = Augment.from_params(params)
+    meta = Reader(str(large_jpeg_beton)).metadata["f0"]
+    scales = [loader_ops.decode_scale(*draws.random_crop(key(2, 0, i, draws.STREAM_CROP), meta["height"][i],
+                                                        meta["width"][i], 0.3, 1.0, *aug.ratio)[2:], 32, 32, 8)
+              for i in range(len(meta))]
+    assert {2, 4}.issubset(scales)  # the test covers several scales
+    batches = {s: take_epoch(make_train_loader(large_jpeg_beton, params, 8, 2, torch.device("cpu"),
+                                               max_decode_scale=s), 0) for s in (1, 2, 8)}
+    std = torch.tensor(aug.std)[None, :, None, None]
+    # grey levels; measured: mean 0.6 (default, 1/2) and 1.2 (up to 1/8; its reduced IDCTs are coarser)
+    for scale, mean_bound in ((2, 1.0), (8, 2.0)):
+        levels = []
+        for (full, y1), (scaled, y2) in zip(batches[1], batches[scale]):
+            assert torch.equal(y1, y2)
+            levels.append(((full - scaled) * std).abs())
+        levels = torch.cat(levels)
+        assert levels.mean() < mean_bound and levels.max() < 40  # edges blur a little differently, no shift
+        assert levels.mean(dim=(1, 2, 3)).max() < 2 * mean_bound  # no image is off (a shifted box would be)
+
+
+@pytest.mark.timeout(120)
 def test_flip_and_lighting_follow_the_draws_and_jitter_is_left_out(plain_beton, plain_images):
     """Full-image crops of constant and gradient images: flips and shifts are exactly the drawn ones."""
     params = load_params("augment.crop_area=[1.0,1.0]", "augment.crop_ratio=[1.0,1.0]", "augment.brightness=0",
                          "augment.contrast=0", "augment.saturation=0", "loader.drop_last=false",
                          "loader.order=quasi_random", "loader.os_cache=false")
     aug = Augment.from_params(params)
-    assert [type(op).__name__ for op in train_ops(aug, loader_ops.EpochState(0), True)] == [
+    assert [type(op).__name__ for op in train_ops(aug, loader_ops.EpochState(0), True, fused=False)] == [
         "SeededFlip", "PCALighting", "Normalize"]
+    [fused] = train_ops(aug, loader_ops.EpochState(0), True)
+    assert fused.parts == ("flip", "lighting", "normalize")
     mean, std = np.array(aug.mean), np.array(aug.std)
     loader = make_train_loader(plain_beton, params, BATCH, 3, torch.device("cpu"))
     flips, alphas = [], []
@@ -440,11 +588,16 @@ def test_ops_are_left_out_when_switched_off():
     params = load_params("augment.flip=false", "augment.brightness=0", "augment.contrast=0",
                          "augment.saturation=0", "augment.lighting_std=0")
     state = loader_ops.EpochState(0)
-    assert [type(op).__name__ for op in train_ops(Augment.from_params(params), state, True)] == ["Normalize"]
+    assert [type(op).__name__ for op in train_ops(Augment.from_params(params), state, True, fused=False)] == [
+        "Normalize"]
+    [fused] = train_ops(Augment.from_params(params), state, True)
+    assert fused.parts == ("normalize",)
     assert train_ops(Augment.from_params(params), state, False) == []
     full = Augment.from_params(load_params("augment.hue=0.1"))
-    assert [type(op).__name__ for op in train_ops(full, state, True)] == [
+    assert [type(op).__name__ for op in train_ops(full, state, True, fused=False)] == [
         "SeededFlip", "ColorJitter", "PCALighting", "Normalize"]
+    [fused] = train_ops(full, state, True)
+    assert type(fused).__name__ == "FusedAugment" and fused.parts == ("flip", "jitter", "lighting", "normalize")
     assert [type(op).__name__ for op in train_ops(full, state, False)] == ["SeededFlip"]
 
 

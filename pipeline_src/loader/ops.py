@@ -122,31 +122,203 @@ def apply_shift(src, dst, shift):
                 dst[y, x, c] = min(max(np.float32(src[y, x, c]) + shift[c], 0.0), 255.0)
 
 
+@njit(cache=True)
+def area_taps(start, length, n_out, n_src):
+    """One axis of an area (box-filter) resize, OpenCV's INTER_AREA for downscaling.
+
+    Output j is the mean of the source over [start + j * s, start + (j + 1) * s), s = length / n_out
+    (>= 1), each source pixel weighted by its overlap with that interval. Returns each output's first
+    source index (int64, n_out) and its weights (float32, n_out x taps); taps = ceil(s) + 1 covers any
+    interval, trailing weights are 0. `start` and `length` may be fractional.
+    """
+    scale = length / n_out
+    taps = min(np.int64(np.ceil(scale)) + 1, n_src)
+    first = np.empty(n_out, np.int64)
+    weights = np.zeros((n_out, taps), np.float32)
+    for j in range(n_out):
+        lo = start + j * scale
+        hi = lo + scale
+        k0 = min(max(np.int64(np.floor(lo)), 0), n_src - taps)
+        first[j] = k0
+        for t in range(taps):
+            overlap = min(hi, k0 + t + 1.0) - max(lo, k0 + t + 0.0)
+            if overlap > 0.0:
+                weights[j, t] = overlap / scale
+    return first, weights
+
+
+@njit(fastmath=True, cache=True)
+def area_resize(src, top, left, height, width, dst):
+    """dst (uint8 HWC) = the box [top, top + height) x [left, left + width) of src (uint8 HWC), area-resized.
+
+    The box may have fractional edges and must be at least dst's size (downscaling only). Separable:
+    rows first (contiguous, vectorized), then columns; float32 sums, rounded half to even as OpenCV.
+    """
+    out_h, out_w = dst.shape[0], dst.shape[1]
+    row0, row_w = area_taps(top, height, out_h, src.shape[0])
+    col0, col_w = area_taps(left, width, out_w, src.shape[1])
+    c_lo = col0[0]
+    c_hi = col0[out_w - 1] + col_w.shape[1]
+    span = (c_hi - c_lo) * 3
+    line = np.empty(span, np.float32)
+    for j in range(out_h):
+        for v in range(span):
+            line[v] = 0.0
+        for t in range(row_w.shape[1]):
+            wt = row_w[j, t]
+            if wt != 0.0:
+                row = src[row0[j] + t].reshape(-1)[c_lo * 3:c_hi * 3]
+                for v in range(span):
+                    line[v] += wt * np.float32(row[v])
+        for i in range(out_w):
+            base = (col0[i] - c_lo) * 3
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            for t in range(col_w.shape[1]):
+                wt = col_w[i, t]
+                a0 += wt * line[base + 3 * t]
+                a1 += wt * line[base + 3 * t + 1]
+                a2 += wt * line[base + 3 * t + 2]
+            dst[j, i, 0] = np.uint8(min(max(np.rint(a0), np.float32(0.0)), np.float32(255.0)))
+            dst[j, i, 1] = np.uint8(min(max(np.rint(a1), np.float32(0.0)), np.float32(255.0)))
+            dst[j, i, 2] = np.uint8(min(max(np.rint(a2), np.float32(0.0)), np.float32(255.0)))
+
+
+@njit(fastmath=True, cache=True)
+def _load_row(src_row, row, mirror):
+    """row (3 x W float32, planar) = src_row (W x 3 uint8), mirrored left-right if `mirror`."""
+    w = row.shape[1]
+    red, green, blue = row[0], row[1], row[2]
+    if mirror:
+        for x in range(w):
+            red[x] = np.float32(src_row[w - 1 - x, 0])
+            green[x] = np.float32(src_row[w - 1 - x, 1])
+            blue[x] = np.float32(src_row[w - 1 - x, 2])
+    else:
+        for x in range(w):
+            red[x] = np.float32(src_row[x, 0])
+            green[x] = np.float32(src_row[x, 1])
+            blue[x] = np.float32(src_row[x, 2])
+
+
+@njit(fastmath=True, cache=True)
+def _colour_step(row, mk, offset):
+    """One jitter step on a planar row of float32 pixels, as `apply_color_steps` does on the image."""
+    m00, m01, m02 = mk[0, 0], mk[0, 1], mk[0, 2]
+    m10, m11, m12 = mk[1, 0], mk[1, 1], mk[1, 2]
+    m20, m21, m22 = mk[2, 0], mk[2, 1], mk[2, 2]
+    zero, top = np.float32(0.0), np.float32(255.0)
+    red, green, blue = row[0], row[1], row[2]
+    for p in range(row.shape[1]):
+        r, g, b = red[p], green[p], blue[p]
+        red[p] = min(max(m00 * r + m01 * g + m02 * b + offset, zero), top)
+        green[p] = min(max(m10 * r + m11 * g + m12 * b + offset, zero), top)
+        blue[p] = min(max(m20 * r + m21 * g + m22 * b + offset, zero), top)
+
+
+@njit(fastmath=True, cache=True)
+def fused_augment(src, dst, mirror, m, beta, steps, shift, lighting, mean, inv_std):
+    """flip -> colour jitter steps -> lighting shift -> normalize, uint8 HWC in, float32 HWC out.
+
+    The same maths, in the same float32 order, as `copy_image`, `apply_color_steps`, `apply_shift`
+    and `Normalize` run one after the other, but a row at a time in a buffer that stays in cache and
+    without the intermediate images: a contrast step's grey mean (of the image before that step) is
+    a pass over src that redoes the earlier steps row by row, then one pass writes the output.
+    m (steps x 3 x 3) and beta come from `draws.color_steps`, shift from `draws.lighting_shift`
+    (used when `lighting`).
+    """
+    h, w = src.shape[0], src.shape[1]
+    mf = m[:steps].astype(np.float32)
+    offsets = np.zeros(max(steps, 1), np.float32)
+    row = np.empty((3, w), np.float32)
+    g0, g1, g2 = np.float32(draws.GRAY[0]), np.float32(draws.GRAY[1]), np.float32(draws.GRAY[2])
+    for k in range(steps):
+        if beta[k] != 0.0:  # contrast: the grey mean of the image after steps 0 .. k - 1
+            total = 0.0
+            for y in range(h):
+                _load_row(src[y], row, False)
+                for q in range(k):
+                    _colour_step(row, mf[q], offsets[q])
+                for p in range(w):
+                    total += g0 * row[0, p] + g1 * row[1, p] + g2 * row[2, p]
+            offsets[k] = np.float32(beta[k] * total / (h * w))
+    s0, s1, s2 = np.float32(shift[0]), np.float32(shift[1]), np.float32(shift[2])
+    mean0, mean1, mean2 = mean[0], mean[1], mean[2]
+    inv0, inv1, inv2 = inv_std[0], inv_std[1], inv_std[2]
+    zero, top = np.float32(0.0), np.float32(255.0)
+    for y in range(h):
+        _load_row(src[y], row, mirror)
+        for q in range(steps):
+            _colour_step(row, mf[q], offsets[q])
+        out = dst[y]
+        if lighting:
+            for p in range(w):
+                out[p, 0] = (min(max(row[0, p] + s0, zero), top) - mean0) * inv0
+                out[p, 1] = (min(max(row[1, p] + s1, zero), top) - mean1) * inv1
+                out[p, 2] = (min(max(row[2, p] + s2, zero), top) - mean2) * inv2
+        else:
+            for p in range(w):
+                out[p, 0] = (row[0, p] - mean0) * inv0
+                out[p, 1] = (row[1, p] - mean1) * inv1
+                out[p, 2] = (row[2, p] - mean2) * inv2
+
+
 # --------------------------------------------------------------------------- decoders
+
+
+@njit(cache=True)
+def _no_augment(src, dst, sample, seed, epoch):
+    """The decoder's per-crop hook when it has no FusedAugment."""
+
+
+@njit(cache=True)
+def decode_scale(height, width, out_h, out_w, max_scale):
+    """The largest JPEG decode scale 1/d (d in 1, 2, 4, 8; d <= max_scale) at which a crop box of
+    height x width still covers out_h x out_w pixels, so the resize after it only shrinks."""
+    d = 1
+    while 2 * d <= max_scale and height >= 2 * d * out_h and width >= 2 * d * out_w:
+        d *= 2
+    return d
 
 
 class SeededRandomResizedCrop(Operation):
     """ffcv's RandomResizedCropRGBImageDecoder with the crop box drawn from `draws.random_crop`.
 
-    Decodes (JPEG or raw) and resizes the crop straight to `output_size` with ffcv's C resize.
+    Decodes (JPEG or raw) and area-resizes the crop box to `output_size`. Two savings over ffcv's
+    decoder, whose resize is OpenCV's INTER_AREA: `area_resize` is the same box filter, separable
+    (OpenCV's is several times slower at non-integer scales); and a JPEG whose crop box is at least
+    2x (4x, 8x) the output on both sides is decoded at 1/2 (1/4, 1/8) scale in libjpeg-turbo's IDCT,
+    up to `max_decode_scale` (1 turns it off), with the box's (fractional) coordinates scaled alike,
+    so the crop is the same region. Boxes smaller than the output (upscaling) use ffcv's resize.
+
+    With `augment` (a FusedAugment) the decoder applies it to each crop right after the resize, in the
+    same parallel loop while the crop is in cache, and outputs its float32 images.
     """
 
     def __init__(self, output_size: tuple[int, int], area: tuple[float, float],
-                 ratio: tuple[float, float], state: EpochState):
+                 ratio: tuple[float, float], state: EpochState, max_decode_scale: int = 2,
+                 augment: "FusedAugment | None" = None):
         super().__init__()
+        if max_decode_scale not in (1, 2, 4, 8):
+            raise ValueError(f"max_decode_scale must be 1, 2, 4 or 8, got {max_decode_scale}")
         self.output_size = tuple(output_size)
         self.area = (float(area[0]), float(area[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.state = state
+        self.max_decode_scale = max_decode_scale
+        self.augment = augment
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
         max_pixels = np.uint64(self.metadata["width"].max()) * np.uint64(self.metadata["height"].max())
         shape = (*self.output_size, 3)
         u8 = np.dtype("<u1")
-        return (
-            replace(previous_state, jit_mode=True, shape=shape, dtype=u8),
-            (AllocationQuery(shape, u8), AllocationQuery((max_pixels * np.uint64(3),), u8)),
-        )
+        temp = AllocationQuery((max_pixels * np.uint64(3),), u8)
+        if self.augment is None:
+            return replace(previous_state, jit_mode=True, shape=shape, dtype=u8), (AllocationQuery(shape, u8), temp)
+        f32 = np.dtype("float32")
+        return (replace(previous_state, jit_mode=True, shape=shape, dtype=f32),
+                (AllocationQuery(shape, f32), temp, AllocationQuery(shape, u8)))
 
     def generate_code(self) -> Callable:
         jpg = IMAGE_MODES["jpg"]
@@ -159,10 +331,18 @@ class SeededRandomResizedCrop(Operation):
         read_state = _state_reader(self.state.address)
         area_lo, area_hi = self.area
         ratio_lo, ratio_hi = self.ratio
+        out_h, out_w = self.output_size
+        max_scale = self.max_decode_scale
         sample_key, random_crop, stream = draws.sample_key, draws.random_crop, draws.STREAM_CROP
+        augmented = self.augment is not None
+        apply = self.augment.per_image() if augmented else _no_augment
 
         def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, temp_storage = my_storage
+            if augmented:
+                destination, temp_storage, crops = my_storage
+            else:
+                destination, temp_storage = my_storage
+                crops = destination
             seed, epoch = read_state()
             for dst_ix in my_range(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
@@ -170,16 +350,26 @@ class SeededRandomResizedCrop(Operation):
                 image_data = mem_read(field["data_ptr"], storage_state)
                 height = np.uint32(field["height"])
                 width = np.uint32(field["width"])
-                if field["mode"] == jpg:
-                    temp_buffer = temp_storage[dst_ix]
-                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1,
-                               False, False)
-                    temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
-                else:
-                    temp_buffer = image_data.reshape(height, width, 3)
                 key = sample_key(seed, epoch, source_ix, stream)
                 top, left, h, w = random_crop(key, height, width, area_lo, area_hi, ratio_lo, ratio_hi)
-                resize_crop_c(temp_buffer, top, top + h, left, left + w, destination[dst_ix])
+                scale = 1
+                if field["mode"] == jpg:
+                    scale = decode_scale(h, w, out_h, out_w, max_scale)
+                    temp_buffer = temp_storage[dst_ix]
+                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, scale,
+                               False, False)
+                    sh = (np.int64(height) + scale - 1) // scale  # libjpeg-turbo rounds scaled sizes up
+                    sw = (np.int64(width) + scale - 1) // scale
+                    image = temp_buffer.reshape(-1)[:3 * sh * sw].reshape(sh, sw, 3)
+                else:
+                    image = image_data.reshape(height, width, 3)
+                crop = crops[dst_ix]
+                if h >= out_h and w >= out_w:
+                    area_resize(image, top / scale, left / scale, h / scale, w / scale, crop)
+                else:
+                    resize_crop_c(image, top, top + h, left, left + w, crop)
+                if augmented:
+                    apply(crop, destination[dst_ix], source_ix, seed, epoch)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
@@ -304,6 +494,77 @@ class PCALighting(_SampleOp):
         lighting.is_parallel = True
         lighting.with_indices = True
         return lighting
+
+
+class FusedAugment(_SampleOp):
+    """SeededFlip -> ColorJitter -> PCALighting -> Normalize in one pass per image; uint8 in, float32 out.
+
+    The same draws (same streams) and the same maths as those ops in sequence (`fused_augment`);
+    one parallel loop instead of four and no intermediate float32 images. A part that is off
+    (flip false, all strengths 0, lighting std 0) is skipped, as the sequential ops are left out.
+    """
+
+    out_dtype = np.dtype("float32")
+
+    def __init__(self, flip: bool, strengths: tuple[float, float, float, float], lighting_std: float,
+                 mean: tuple[float, float, float], std: tuple[float, float, float], state: EpochState,
+                 eigval: np.ndarray = draws.PCA_EIGVAL, eigvec: np.ndarray = draws.PCA_EIGVEC):
+        super().__init__(state)
+        self.flip = bool(flip)
+        self.strengths = np.array(strengths, dtype=np.float64)
+        if self.strengths.shape != (4,) or (self.strengths < 0).any():
+            raise ValueError(f"strengths must be 4 values >= 0, got {strengths}")
+        self.lighting_std = float(lighting_std)
+        self.eigval = np.asarray(eigval, dtype=np.float64)
+        self.eigvec = np.asarray(eigvec, dtype=np.float64)
+        self.mean = np.array(mean, dtype=np.float32)
+        self.inv_std = (1.0 / np.array(std, dtype=np.float64)).astype(np.float32)
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The sequential ops this one stands for, in order."""
+        return tuple(name for name, on in (("flip", self.flip), ("jitter", bool(self.strengths.any())),
+                                           ("lighting", self.lighting_std > 0), ("normalize", True)) if on)
+
+    def per_image(self) -> Callable:
+        """A compiled apply(src, dst, sample, seed, epoch): this op on one image (draws included)."""
+        flip, jitter, lighting = self.flip, bool(self.strengths.any()), self.lighting_std > 0
+        strengths, std, eigval, eigvec = self.strengths, self.lighting_std, self.eigval, self.eigvec
+        mean, inv_std = self.mean, self.inv_std
+        sample_key, flip_draw, color_steps, lighting_shift = (draws.sample_key, draws.flip_draw,
+                                                              draws.color_steps, draws.lighting_shift)
+        s_flip, s_jitter, s_lighting = draws.STREAM_FLIP, draws.STREAM_JITTER, draws.STREAM_LIGHTING
+        max_steps = draws.MAX_STEPS
+
+        @njit
+        def apply(src, dst, sample, seed, epoch):
+            mirror = flip and flip_draw(sample_key(seed, epoch, sample, s_flip))
+            m = np.zeros((max_steps, 3, 3))
+            beta = np.zeros(max_steps)
+            steps = 0
+            if jitter:
+                steps = color_steps(sample_key(seed, epoch, sample, s_jitter), strengths, m, beta)
+            shift = np.zeros(3)
+            if lighting:
+                shift = lighting_shift(sample_key(seed, epoch, sample, s_lighting), std, eigval, eigvec)
+            fused_augment(src, dst, mirror, m, beta, steps, shift, lighting, mean, inv_std)
+
+        return apply
+
+    def generate_code(self) -> Callable:
+        my_range = Compiler.get_iterator()
+        read_state = _state_reader(self.state.address)
+        apply = self.per_image()
+
+        def augment(images, dst, indices):
+            seed, epoch = read_state()
+            for i in my_range(images.shape[0]):
+                apply(images[i], dst[i], indices[i], seed, epoch)
+            return dst[:images.shape[0]]
+
+        augment.is_parallel = True
+        augment.with_indices = True
+        return augment
 
 
 class Normalize(Operation):

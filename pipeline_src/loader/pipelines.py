@@ -1,10 +1,13 @@
 """ffcv train / val loaders built from params, for a CPU or a CUDA training loop.
 
-One definition, two device paths. Crop and flip always run in the loader's numba workers on
-uint8. Then either
-  * CPU: ColorJitter -> PCALighting -> Normalize as numba ops in the workers, float32 batches; or
-  * CUDA: the uint8 batch goes to the GPU (`ToDevice(non_blocking=True)`) and `gpu.DeviceAugment`
-    applies the same jitter, lighting and normalization as torch ops there.
+One definition, two device paths. The random-resized crop always runs in the loader's numba
+workers (the decoder, `SeededRandomResizedCrop`). Then either
+  * CPU: flip, ColorJitter -> PCALighting -> Normalize as one fused numba op (`FusedAugment`) that
+    the decoder applies to each crop in its own loop, float32 batches (`fused=False`: the four ops
+    one after the other, the reference the tests compare with); or
+  * CUDA: flip in the workers on uint8, then the uint8 batch goes to the GPU
+    (`ToDevice(non_blocking=True)`) and `gpu.DeviceAugment` applies the same jitter, lighting and
+    normalization as torch ops there.
 An augmentation whose params value is off (flip false, a strength 0) is left out of both paths.
 No CUDA call is made unless `device` is a CUDA device.
 
@@ -35,7 +38,7 @@ from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from . import draws
 from .gpu import DeviceAugment
-from .ops import (ColorJitter, EpochState, Normalize, PCALighting, SampleIndexDecoder,
+from .ops import (ColorJitter, EpochState, FusedAugment, Normalize, PCALighting, SampleIndexDecoder,
                   SeededFlip, SeededRandomResizedCrop)
 
 ORDERS = {
@@ -100,14 +103,23 @@ def _check_beton(beton: Path) -> Path:
 
 
 def image_pipeline(decoder, worker_ops: list, device: torch.device, channels_last: bool) -> PipelineSpec:
-    """decoder -> numba ops -> torch tensor NCHW on `device` (the order ffcv needs: numba ops first)."""
-    transforms = [*worker_ops, ToTensor(), ToDevice(device, non_blocking=True),
-                  ToTorchImage(channels_last=channels_last)]
+    """decoder -> numba ops -> torch tensor NCHW on `device` (the order ffcv needs: numba ops first).
+
+    On the CPU the batch stays in the buffer of the last numba op: ToDevice(cpu) would only copy it
+    into another buffer that ffcv recycles in the same way (batches_ahead + 2 slots per op).
+    """
+    to_device = [] if device.type == "cpu" else [ToDevice(device, non_blocking=True)]
+    transforms = [*worker_ops, ToTensor(), *to_device, ToTorchImage(channels_last=channels_last)]
     return PipelineSpec("image", decoder=decoder, transforms=transforms)
 
 
-def train_ops(aug: Augment, state: EpochState, colour_in_workers: bool) -> list:
-    """The numba ops after the crop decoder: flip, then (CPU path) jitter, lighting, normalize."""
+def train_ops(aug: Augment, state: EpochState, colour_in_workers: bool, fused: bool = True) -> list:
+    """The numba ops after the crop decoder: flip, then (CPU path) jitter, lighting, normalize.
+
+    On the CPU path these are one `FusedAugment` unless `fused` is false (the reference: one op each).
+    """
+    if colour_in_workers and fused:
+        return [FusedAugment(aug.flip, aug.strengths, aug.lighting_std, aug.mean, aug.std, state)]
     ops: list = [SeededFlip(state)] if aug.flip else []
     if colour_in_workers:
         if any(aug.strengths):
@@ -228,12 +240,15 @@ def _stop(it) -> None:
 
 
 def make_train_loader(beton: Path, params: dict, batch_size: int, seed: int, device: torch.device,
-                      distributed: bool = False, colour_on_device: bool | None = None) -> FastLoader:
+                      distributed: bool = False, colour_on_device: bool | None = None, fused: bool = True,
+                      max_decode_scale: int = 2) -> FastLoader:
     """Train batches: random-resized crop at loader.res, flip, colour jitter, PCA lighting, normalize.
 
     `batch_size` is per process (global batch // world size under DDP); with distributed=True each
     rank reads its shard (ffcv uses torch.distributed's rank and world size). `colour_on_device`
-    picks the path (default: torch ops on CUDA devices, numba ops in the workers on CPU).
+    picks the path (default: torch ops on CUDA devices, numba ops in the workers on CPU). `fused`
+    and `max_decode_scale` are the speed options of `train_ops` and `SeededRandomResizedCrop`
+    (false / 1: the plain reference path, for tests and benchmarks).
     """
     beton = _check_beton(beton)
     _check_device(device)
@@ -242,9 +257,12 @@ def make_train_loader(beton: Path, params: dict, batch_size: int, seed: int, dev
     state = EpochState(seed)
     in_workers = device.type == "cpu" if colour_on_device is None else not colour_on_device
     res = cfg["res"]
-    decoder = SeededRandomResizedCrop((res, res), aug.area, aug.ratio, state)
+    worker_ops = train_ops(aug, state, in_workers, fused)
+    # the fused op runs inside the decoder's loop, on each crop while it is in cache
+    folded = worker_ops.pop() if len(worker_ops) == 1 and isinstance(worker_ops[0], FusedAugment) else None
+    decoder = SeededRandomResizedCrop((res, res), aug.area, aug.ratio, state, max_decode_scale, folded)
     pipelines = {
-        "image": image_pipeline(decoder, train_ops(aug, state, in_workers), device, channels_last),
+        "image": image_pipeline(decoder, worker_ops, device, channels_last),
         "label": _label_pipeline(device),
     }
     device_ops = None
