@@ -135,6 +135,7 @@ SCHEMA: dict[str, Any] = {
         "val_res": _int(16),
         "val_crop_ratio": _float(0.1, 1.0),
         "device": _str(["auto", "cpu", "cuda"]),
+        "max_decode_scale": _int(choices=(1, 2, 4, 8)),
     },
     "augment": {
         "crop_area": _list(_float(0.0, 1.0), length=2, check=_ordered_pair),

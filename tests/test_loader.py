@@ -474,8 +474,8 @@ def test_reduced_scale_decode_gives_the_full_decode_crops(large_jpeg_beton):
                                                         meta["width"][i], 0.3, 1.0, *aug.ratio)[2:], 32, 32, 8)
               for i in range(len(meta))]
     assert {2, 4}.issubset(scales)  # the test covers several scales
-    batches = {s: take_epoch(make_train_loader(large_jpeg_beton, params, 8, 2, torch.device("cpu"),
-                                               max_decode_scale=s), 0) for s in (1, 2, 8)}
+    batches = {s: take_epoch(make_train_loader(large_jpeg_beton, {**params, "loader": {**params["loader"],
+                             "max_decode_scale": s}}, 8, 2, torch.device("cpu")), 0) for s in (1, 2, 8)}
     std = torch.tensor(aug.std)[None, :, None, None]
     # grey levels; measured: mean 0.6 (default, 1/2) and 1.2 (up to 1/8; its reduced IDCTs are coarser)
     for scale, mean_bound in ((2, 1.0), (8, 2.0)):

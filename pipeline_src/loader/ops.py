@@ -297,7 +297,7 @@ class SeededRandomResizedCrop(Operation):
     """
 
     def __init__(self, output_size: tuple[int, int], area: tuple[float, float],
-                 ratio: tuple[float, float], state: EpochState, max_decode_scale: int = 2,
+                 ratio: tuple[float, float], state: EpochState, max_decode_scale: int,
                  augment: "FusedAugment | None" = None):
         super().__init__()
         if max_decode_scale not in (1, 2, 4, 8):

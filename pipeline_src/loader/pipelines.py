@@ -240,15 +240,15 @@ def _stop(it) -> None:
 
 
 def make_train_loader(beton: Path, params: dict, batch_size: int, seed: int, device: torch.device,
-                      distributed: bool = False, colour_on_device: bool | None = None, fused: bool = True,
-                      max_decode_scale: int = 2) -> FastLoader:
+                      distributed: bool = False, colour_on_device: bool | None = None,
+                      fused: bool = True) -> FastLoader:
     """Train batches: random-resized crop at loader.res, flip, colour jitter, PCA lighting, normalize.
 
     `batch_size` is per process (global batch // world size under DDP); with distributed=True each
     rank reads its shard (ffcv uses torch.distributed's rank and world size). `colour_on_device`
     picks the path (default: torch ops on CUDA devices, numba ops in the workers on CPU). `fused`
-    and `max_decode_scale` are the speed options of `train_ops` and `SeededRandomResizedCrop`
-    (false / 1: the plain reference path, for tests and benchmarks).
+    false gives the reference path of one op per augmentation (same output, for tests); JPEGs are
+    decoded at up to 1 / loader.max_decode_scale of their size when the crop allows.
     """
     beton = _check_beton(beton)
     _check_device(device)
@@ -260,7 +260,7 @@ def make_train_loader(beton: Path, params: dict, batch_size: int, seed: int, dev
     worker_ops = train_ops(aug, state, in_workers, fused)
     # the fused op runs inside the decoder's loop, on each crop while it is in cache
     folded = worker_ops.pop() if len(worker_ops) == 1 and isinstance(worker_ops[0], FusedAugment) else None
-    decoder = SeededRandomResizedCrop((res, res), aug.area, aug.ratio, state, max_decode_scale, folded)
+    decoder = SeededRandomResizedCrop((res, res), aug.area, aug.ratio, state, cfg["max_decode_scale"], folded)
     pipelines = {
         "image": image_pipeline(decoder, worker_ops, device, channels_last),
         "label": _label_pipeline(device),
