@@ -223,6 +223,14 @@ SCHEMA: dict[str, Any] = {
             "rpn_post_nms_top_n_test": _int(1),
             "box_batch_size_per_image": _int(1),
             "box_positive_fraction": _float(0.0, 1.0),
+            "rpn_nms_thresh": _float(0.0, 1.0),
+            "rpn_fg_iou_thresh": _float(0.0, 1.0),
+            "rpn_bg_iou_thresh": _float(0.0, 1.0),
+            "box_fg_iou_thresh": _float(0.0, 1.0),
+            "box_bg_iou_thresh": _float(0.0, 1.0),
+            "box_score_thresh": _float(0.0, 1.0),
+            "box_nms_thresh": _float(0.0, 1.0),
+            "box_detections_per_img": _int(1),
             "metric": _str(["voc07", "all_point"]),
             "train_difficult": _bool(),
             "allow_missing_voc2012": _bool(),
@@ -409,6 +417,13 @@ def _check_transfer(params: dict, src: str) -> None:
             f"{src}: key 'transfer.detection.anchor_sizes' must have 5 items with style fpn (one per "
             f"level: layer1..layer4 and the pooled level), got {len(det['anchor_sizes'])}"
         )
+    for stage in ("rpn", "box"):  # torchvision's Matcher needs background IoU <= foreground IoU
+        low, high = det[f"{stage}_bg_iou_thresh"], det[f"{stage}_fg_iou_thresh"]
+        if low > high:
+            raise ParamsError(
+                f"{src}: key 'transfer.detection.{stage}_bg_iou_thresh' ({low}) must not exceed "
+                f"'transfer.detection.{stage}_fg_iou_thresh' ({high})"
+            )
 
 
 def _lineage(runs: dict, name: str, src: str) -> list[str]:

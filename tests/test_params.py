@@ -62,6 +62,8 @@ def test_missing_key_is_an_error_not_a_hidden_default(tmp_path):
     ("transfer.detection.rpn_batch_size_per_image", "0", r"'transfer.detection.rpn_batch_size_per_image' must be >="),
     ("transfer.detection.rpn_pre_nms_top_n_train", "1e3", r"'transfer.detection.rpn_pre_nms_top_n_train' must be an"),
     ("transfer.detection.box_positive_fraction", "1.25", r"'transfer.detection.box_positive_fraction' must be <= 1.0"),
+    ("transfer.detection.rpn_bg_iou_thresh", "0.8", r"'transfer.detection.rpn_bg_iou_thresh' \(0.8\) must not exceed"),
+    ("transfer.detection.box_nms_thresh", "-0.1", r"'transfer.detection.box_nms_thresh' must be >= 0.0"),
     ("transfer.segmentation.scale_range", "[2.0, 0.5]", r"'transfer.segmentation.scale_range' must be \[low, high\]"),
     ("transfer.segmentation.scale_range", "[0.5]", r"'transfer.segmentation.scale_range' must have 2 items"),
     ("transfer.segmentation.aux_weight", "-0.5", r"'transfer.segmentation.aux_weight' must be >= 0.0"),
@@ -180,5 +182,6 @@ def test_imagenet_profile_transfer_is_common_practice():
     assert (det["rpn_pre_nms_top_n_train"], det["rpn_post_nms_top_n_train"]) == (12000, 2000)
     assert (det["rpn_pre_nms_top_n_test"], det["rpn_post_nms_top_n_test"]) == (6000, 300)
     assert (det["box_batch_size_per_image"], det["box_positive_fraction"]) == (128, 0.25)
+    assert (det["box_score_thresh"], det["box_nms_thresh"], det["box_detections_per_img"]) == (0.001, 0.3, 100)
     assert (seg["base_size"], seg["crop_size"], seg["scale_range"]) == (520, 480, [0.5, 2.0])
     assert seg["aux_loss"] is True and seg["aux_weight"] == 0.5

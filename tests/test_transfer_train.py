@@ -186,6 +186,13 @@ def test_detector_takes_anchors_sampling_and_frozen_stages_from_params(env, styl
                                         "testing": cfg["rpn_pre_nms_top_n_test"]}
     assert model.rpn._post_nms_top_n == {"training": cfg["rpn_post_nms_top_n_train"],
                                          "testing": cfg["rpn_post_nms_top_n_test"]}
+    assert model.rpn.nms_thresh == cfg["rpn_nms_thresh"]
+    assert (model.rpn.proposal_matcher.high_threshold, model.rpn.proposal_matcher.low_threshold) == \
+        (cfg["rpn_fg_iou_thresh"], cfg["rpn_bg_iou_thresh"])
+    assert (model.roi_heads.proposal_matcher.high_threshold, model.roi_heads.proposal_matcher.low_threshold) == \
+        (cfg["box_fg_iou_thresh"], cfg["box_bg_iou_thresh"])
+    assert (model.roi_heads.score_thresh, model.roi_heads.nms_thresh, model.roi_heads.detections_per_img) == \
+        (cfg["box_score_thresh"], cfg["box_nms_thresh"], cfg["box_detections_per_img"])
     assert model.transform.min_size == (cfg["min_size"],) and model.transform.max_size == cfg["max_size"]
     assert not any(p.requires_grad for p in trunk.layer2.parameters())
     assert all(p.requires_grad for p in trunk.layer3.parameters())

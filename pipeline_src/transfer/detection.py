@@ -39,6 +39,8 @@ FASTER_RCNN_KEYS = (
     "rpn_batch_size_per_image", "rpn_positive_fraction",
     "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test",
     "box_batch_size_per_image", "box_positive_fraction",
+    "rpn_nms_thresh", "rpn_fg_iou_thresh", "rpn_bg_iou_thresh",
+    "box_fg_iou_thresh", "box_bg_iou_thresh", "box_score_thresh", "box_nms_thresh", "box_detections_per_img",
 )
 
 
