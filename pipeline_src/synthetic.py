@@ -253,11 +253,10 @@ def _object_alpha(kind: str, side: int, rng: np.random.Generator) -> np.ndarray:
 
 def _colour_below(luma: float, rng: np.random.Generator) -> np.ndarray:
     """A uniform random colour whose luminance is at most `luma` (rejection, then scaled down)."""
-    colour = rng.uniform(0, 255, 3)
     for _ in range(50):
+        colour = rng.uniform(0, 255, 3)
         if LUMA @ colour <= luma:
             return colour
-        colour = rng.uniform(0, 255, 3)
     return colour * (luma / float(LUMA @ colour))
 
 

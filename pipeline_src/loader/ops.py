@@ -496,20 +496,18 @@ class PCALighting(_SampleOp):
         return lighting
 
 
-class FusedAugment(_SampleOp):
+class FusedAugment:
     """SeededFlip -> ColorJitter -> PCALighting -> Normalize in one pass per image; uint8 in, float32 out.
 
-    The same draws (same streams) and the same maths as those ops in sequence (`fused_augment`);
-    one parallel loop instead of four and no intermediate float32 images. A part that is off
-    (flip false, all strengths 0, lighting std 0) is skipped, as the sequential ops are left out.
+    The same draws (same streams) and the same maths as those ops in sequence (`fused_augment`),
+    without the intermediate float32 images. Not a pipeline op of its own: `SeededRandomResizedCrop`
+    runs it on each crop in its decode loop, while the crop is in cache. A part that is off (flip
+    false, all strengths 0, lighting std 0) is skipped, as the sequential ops are left out.
     """
 
-    out_dtype = np.dtype("float32")
-
     def __init__(self, flip: bool, strengths: tuple[float, float, float, float], lighting_std: float,
-                 mean: tuple[float, float, float], std: tuple[float, float, float], state: EpochState,
+                 mean: tuple[float, float, float], std: tuple[float, float, float],
                  eigval: np.ndarray = draws.PCA_EIGVAL, eigvec: np.ndarray = draws.PCA_EIGVEC):
-        super().__init__(state)
         self.flip = bool(flip)
         self.strengths = np.array(strengths, dtype=np.float64)
         if self.strengths.shape != (4,) or (self.strengths < 0).any():
@@ -550,21 +548,6 @@ class FusedAugment(_SampleOp):
             fused_augment(src, dst, mirror, m, beta, steps, shift, lighting, mean, inv_std)
 
         return apply
-
-    def generate_code(self) -> Callable:
-        my_range = Compiler.get_iterator()
-        read_state = _state_reader(self.state.address)
-        apply = self.per_image()
-
-        def augment(images, dst, indices):
-            seed, epoch = read_state()
-            for i in my_range(images.shape[0]):
-                apply(images[i], dst[i], indices[i], seed, epoch)
-            return dst[:images.shape[0]]
-
-        augment.is_parallel = True
-        augment.with_indices = True
-        return augment
 
 
 class Normalize(Operation):

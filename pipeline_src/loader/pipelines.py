@@ -116,10 +116,11 @@ def image_pipeline(decoder, worker_ops: list, device: torch.device, channels_las
 def train_ops(aug: Augment, state: EpochState, colour_in_workers: bool, fused: bool = True) -> list:
     """The numba ops after the crop decoder: flip, then (CPU path) jitter, lighting, normalize.
 
-    On the CPU path these are one `FusedAugment` unless `fused` is false (the reference: one op each).
+    On the CPU path these are one `FusedAugment`, which the decoder runs, unless `fused` is false
+    (the reference: one op each).
     """
     if colour_in_workers and fused:
-        return [FusedAugment(aug.flip, aug.strengths, aug.lighting_std, aug.mean, aug.std, state)]
+        return [FusedAugment(aug.flip, aug.strengths, aug.lighting_std, aug.mean, aug.std)]
     ops: list = [SeededFlip(state)] if aug.flip else []
     if colour_in_workers:
         if any(aug.strengths):
@@ -258,8 +259,8 @@ def make_train_loader(beton: Path, params: dict, batch_size: int, seed: int, dev
     in_workers = device.type == "cpu" if colour_on_device is None else not colour_on_device
     res = cfg["res"]
     worker_ops = train_ops(aug, state, in_workers, fused)
-    # the fused op runs inside the decoder's loop, on each crop while it is in cache
-    folded = worker_ops.pop() if len(worker_ops) == 1 and isinstance(worker_ops[0], FusedAugment) else None
+    # the fused augmentation is no pipeline op: the decoder runs it on each crop while it is in cache
+    folded = worker_ops.pop() if worker_ops and isinstance(worker_ops[0], FusedAugment) else None
     decoder = SeededRandomResizedCrop((res, res), aug.area, aug.ratio, state, cfg["max_decode_scale"], folded)
     pipelines = {
         "image": image_pipeline(decoder, worker_ops, device, channels_last),
