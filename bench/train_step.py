@@ -12,6 +12,10 @@ measures the step). Timed blocks alternate ours/plain, the order flipping every 
                                [--warmup 2] [--repeats 5] [--threads 2] [--compile]
 
 Prints one JSON object; `speedup` = ours / plain images/s, the smallest over the resolutions.
+Each resolution also reports the FLOPs of one step (torch's FlopCounterMode: forward + backward),
+the GFLOP/s each loop achieves, the fraction of a measured peak (a large fp32 GEMM on the same
+threads, timed in the same run) and, with --profile, where a step of ours spends its time
+(torch.profiler, top ops by self CPU time).
 """
 from __future__ import annotations
 
@@ -79,6 +83,40 @@ def synthetic_batch(batch: int, res: int, classes: int, seed: int) -> tuple[torc
     """Random normalized-looking images (NCHW, as the loader yields them) and integer labels."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, res, res, generator=gen), torch.randint(0, classes, (batch,), generator=gen)
+
+
+def step_flops(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+    """FLOPs of one forward + backward of `model` on `batch` (convs, matmuls: what FlopCounterMode counts)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    probe = copy.deepcopy(model).train()
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(probe(batch[0]), batch[1]).backward()
+    return counter.get_total_flops()
+
+
+def gemm_peak_gflops(threads: int, size: int = 1024, repeats: int = 5) -> float:
+    """A practical peak: the best fp32 GEMM rate of `repeats` timed `size`-cube matmuls on these threads."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * size ** 3 / (time.perf_counter() - start) / 1e9)
+    return round(best, 1)
+
+
+def profile_step(block: "Block", steps: int, top: int = 8) -> list[dict]:
+    """The ops of `steps` steps of a block that take the most self CPU time, as shares of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        block(steps)
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [{"op": e.key, "share": round(e.self_cpu_time_total / total, 3), "calls": e.count} for e in events[:top]]
 
 
 def pipeline_block(model: nn.Module, teacher: nn.Module | None, cfg: dict, precision: str, lr: float,
@@ -180,6 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="our step's train.channels_last")
     parser.add_argument("--lr", type=float, default=0.01, help="constant LR of both loops (cost-neutral)")
     parser.add_argument("--seed", type=int, default=0, help="initial weights and synthetic batch")
+    parser.add_argument("--profile", action="store_true", help="also break one block of ours down by op")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml",
                         help="model arch/variant/init and optimizer momentum/decay come from here")
     args = parser.parse_args(argv)
@@ -199,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
               "to be slower than fp32 and this run to take long (try --steps 1 --repeats 1 --res 64)",
               file=sys.stderr)
 
+    peak = gemm_peak_gflops(args.threads)
     results = []
     for res in args.res:
         torch.manual_seed(args.seed)
@@ -210,13 +250,19 @@ def main(argv: list[str] | None = None) -> dict:
             torch._dynamo.reset()
         net = torch.compile(ours_model) if args.compile else ours_model
         batch = synthetic_batch(args.batch, res, args.classes, args.seed)
-        timed = interleave({
+        flops_per_image = step_flops(plain_model, batch) / args.batch
+        blocks = {
             "ours": pipeline_block(net, None, cfg, args.precision, args.lr, batch, args.classes),
             "plain": plain_block(plain_model, cfg["train"], args.lr, batch),
-        }, args.steps, args.warmup, args.repeats)
-        results.append({"res": res, **timed,
+        }
+        timed = interleave(blocks, args.steps, args.warmup, args.repeats)
+        for name in timed:
+            gflops = timed[name]["images_per_s"] * flops_per_image / 1e9
+            timed[name].update(gflops=round(gflops, 2), fraction_of_peak=round(gflops / peak, 3))
+        results.append({"res": res, "step_gflop_per_image": round(flops_per_image / 1e9, 4), **timed,
                         "speedup": round(timed["ours"]["images_per_s"] / timed["plain"]["images_per_s"], 3),
-                        "speedup_paired": paired_ratio(timed["ours"], timed["plain"])})
+                        "speedup_paired": paired_ratio(timed["ours"], timed["plain"]),
+                        **({"profile_ours": profile_step(blocks["ours"], args.steps)} if args.profile else {})})
         print(f"res {res}: ours {timed['ours']['images_per_s']} vs plain {timed['plain']['images_per_s']} "
               "images/s", file=sys.stderr, flush=True)
 
@@ -226,8 +272,11 @@ def main(argv: list[str] | None = None) -> dict:
         "speedup": min(r["speedup"] for r in results),
         "speedup_by_res": {str(r["res"]): r["speedup"] for r in results},
         "results": results,
+        "peak_gflops": peak,
+        "peak_note": f"best fp32 1024^3 GEMM on {args.threads} thread(s), this run",
         "settings": {
             "arch": m["arch"], "depth": m["depth"], "variant": m["variant"], "width": m["width"],
+            "stem_stride": m["stem_stride"],
             "init": m["init"], "classes": args.classes, "batch": args.batch, "res": args.res,
             "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "lr": args.lr,
             "ours": {"precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,

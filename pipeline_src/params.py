@@ -154,6 +154,7 @@ SCHEMA: dict[str, Any] = {
         "depth": _int(choices=(26, 50, 101, 152)),
         "variant": _str(["A", "B", "C", "D"]),
         "width": _float(0.0625, 4.0),
+        "stem_stride": _int(choices=(1, 2, 4)),
         "init": _str(["xavier", "kaiming"]),
         "zero_gamma": _bool(),
     },

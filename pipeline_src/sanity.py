@@ -2,9 +2,13 @@
 
     python -m pipeline_src.sanity overfit  [--run NAME]   # one batch to near-zero loss, else exit 1
     python -m pipeline_src.sanity lr-range [--run NAME]   # LR range test: plot + suggested LR
+    python -m pipeline_src.sanity geometry [--run NAME]   # feature-map sizes, input reach at init
 
 A model that cannot memorise one batch has a bug (wrong labels, frozen layers, broken loss); the LR
 range test (Smith 2017) sweeps the LR exponentially and suggests one a little below the divergence.
+The geometry check catches inputs too small for the stem: it prints each stage's feature-map side
+and the share of input pixels whose gradient reaches the logits at initialisation (with zero gamma
+only the shortcuts carry signal then, and strided 1x1 shortcuts see only every other pixel).
 """
 from __future__ import annotations
 
@@ -100,6 +104,28 @@ def lr_range(cfg: dict, seed: int) -> dict:
     return {"lrs": lrs, "losses": losses, "suggested_lr": lrs[steepest], "min_loss_lr": lrs[losses.index(best)]}
 
 
+def geometry(cfg: dict, seed: int, num_classes: int = 10, batch: int = 8) -> dict:
+    """Stage map sides and the fraction of input pixels reaching the logits, for the run's model at init.
+
+    Needs no data: the input is noise at the run's crop size. Batch-norm runs in eval mode (its
+    statistics would otherwise couple every pixel to every output, a path no feature uses); the
+    reach is the union over the batch of pixels with a non-zero input gradient.
+    """
+    torch.manual_seed(seed)
+    model = build_model(cfg["model"], num_classes).eval()
+    res = cfg["loader"]["res"]
+    images = torch.randn(batch, 3, res, res, requires_grad=True)
+    sides: dict[str, int] = {}
+    hooks = [getattr(model, name).register_forward_hook(
+        lambda _m, _i, out, name=name: sides.__setitem__(name, out.shape[-1]))
+        for name in ("stem", "layer1", "layer2", "layer3", "layer4") if hasattr(model, name)]
+    model(images).sum().backward()
+    for hook in hooks:
+        hook.remove()
+    reached = images.grad.abs().amax(dim=(0, 1)) > 0
+    return {"res": res, "stage_sides": sides, "input_reach": reached.float().mean().item()}
+
+
 def plot_lr_range(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -118,7 +144,7 @@ def plot_lr_range(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("check", choices=["overfit", "lr-range"])
+    parser.add_argument("check", choices=["overfit", "lr-range", "geometry"])
     parser.add_argument("--run", default="baseline", help="the run whose model and optimizer to check")
     parser.add_argument("--seed", type=int, default=0)
     P.add_arguments(parser)
@@ -128,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     except P.ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.check == "geometry":
+        print(json.dumps({"run": args.run, **geometry(cfg, args.seed)}))
+        return 0
     if args.check == "overfit":
         ok, losses = overfit(cfg, args.seed)
         verdict = "reached" if ok else "did NOT reach"

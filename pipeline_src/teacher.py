@@ -26,8 +26,10 @@ def import_teacher(cfg: dict, seed: int) -> dict:
     state, meta = checkpoint.load_model_weights(source)
     wnids = read_classes(cfg)
     expected = cfg["model"]
-    found = meta.get("model", {})
-    mismatched = {k: (found[k], expected[k]) for k in ("arch", "depth", "variant", "width")
+    # A stem stride changes no weight shape, so load_state_dict cannot catch it; a checkpoint that
+    # names none has the paper's stem (stride 4), as torchvision's and timm's ResNets do.
+    found = {"stem_stride": 4, **meta.get("model", {})}
+    mismatched = {k: (found[k], expected[k]) for k in ("arch", "depth", "variant", "width", "stem_stride")
                   if k in found and found[k] != expected[k]}
     if mismatched:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs params {b!r}" for k, (a, b) in mismatched.items())

@@ -12,15 +12,16 @@ ARCHS = ("resnet", "inception_v3", "mobilenet_v2")
 
 
 def build_model(model_cfg: dict, num_classes: int) -> nn.Module:
-    """params['model'] (arch, depth, variant, width, init, zero_gamma) -> an initialised nn.Module.
+    """params['model'] (arch, depth, variant, width, stem_stride, init, zero_gamma) -> an initialised nn.Module.
 
-    depth and variant apply to ResNet only; width scales ResNet's channels and is MobileNetV2's
+    depth, variant and stem_stride apply to ResNet only; width scales ResNet's channels and is MobileNetV2's
     `width_mult`; Inception-V3 has no width multiplier, so it takes width 1 only.
     """
     arch = model_cfg["arch"]
     if arch == "resnet":
         model: nn.Module = ResNet(
-            model_cfg["depth"], model_cfg["variant"], model_cfg["width"], num_classes, model_cfg["init"]
+            model_cfg["depth"], model_cfg["variant"], model_cfg["width"], num_classes, model_cfg["init"],
+            stem_stride=model_cfg["stem_stride"],
         )
     elif arch == "inception_v3":
         if model_cfg["width"] != 1.0:

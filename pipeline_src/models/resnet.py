@@ -6,6 +6,11 @@ Variants, as He et al. (2019) define them:
   C  B's blocks, stem = three 3x3 convs (32, 32, 64 channels, the first with stride 2) + maxpool.
   D  C, plus the shortcut of a downsampling block is a 2x2 average pool (stride 2) and a stride-1 1x1 conv.
 
+`stem_stride` is the stem's total downsampling: 4 is the paper's (a stride-2 conv, then a stride-2 max
+pool), 2 drops the max pool, 1 also the conv's stride. Small inputs need less: at 32 px the paper's
+stem leaves layer4 at 1x1, where a global average pool has nothing to pool and the strided 1x1
+shortcuts of A-C keep one pixel in 64 of layer1's map.
+
 Stages are named children `stem, layer1..layer4, avgpool, fc` in forward order, so torchvision's
 `IntermediateLayerGetter` / `BackboneWithFPN` can wrap the trunk; `stage_channels` gives their widths.
 """
@@ -25,6 +30,7 @@ DEPTHS: dict[int, tuple[int, int, int, int]] = {
 VARIANTS = ("A", "B", "C", "D")
 INITS = ("xavier", "kaiming")
 EXPANSION = 4
+STEM_STRIDES = (1, 2, 4)
 STEM_WIDTH = 64
 STAGE_PLANES = (64, 128, 256, 512)
 DEEP_STEM = (32, 32, 64)
@@ -95,23 +101,25 @@ def _shortcut(in_ch: int, out_ch: int, stride: int, avg_down: bool) -> nn.Sequen
     return nn.Sequential(OrderedDict(layers))
 
 
-def _stem(variant: str, width: float) -> tuple[nn.Sequential, int]:
+def _stem(variant: str, width: float, stem_stride: int) -> tuple[nn.Sequential, int]:
     layers: list[tuple[str, nn.Module]] = []
+    conv_stride = 1 if stem_stride == 1 else 2
     if variant in ("C", "D"):
         in_ch = 3
         for i, channels in enumerate(DEEP_STEM, start=1):
             out_ch = scale_channels(channels, width)
-            conv, bn = _conv_bn(in_ch, out_ch, 3, stride=2 if i == 1 else 1)
+            conv, bn = _conv_bn(in_ch, out_ch, 3, stride=conv_stride if i == 1 else 1)
             layers += [(f"conv{i}", conv), (f"bn{i}", bn), (f"relu{i}", nn.ReLU(inplace=True))]
             in_ch = out_ch
     else:
         out_ch = scale_channels(STEM_WIDTH, width)
         layers += [
-            ("conv1", nn.Conv2d(3, out_ch, 7, stride=2, padding=3, bias=False)),
+            ("conv1", nn.Conv2d(3, out_ch, 7, stride=conv_stride, padding=3, bias=False)),
             ("bn1", nn.BatchNorm2d(out_ch)),
             ("relu1", nn.ReLU(inplace=True)),
         ]
-    layers.append(("pool", nn.MaxPool2d(3, stride=2, padding=1)))
+    if stem_stride == 4:
+        layers.append(("pool", nn.MaxPool2d(3, stride=2, padding=1)))
     return nn.Sequential(OrderedDict(layers)), out_ch
 
 
@@ -131,6 +139,7 @@ class ResNet(nn.Module):
         num_classes: int,
         init: str,
         replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False),
+        stem_stride: int = 4,
     ) -> None:
         super().__init__()
         if depth not in DEPTHS:
@@ -139,10 +148,12 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet variant {variant!r} is not one of {list(VARIANTS)}")
         if width <= 0:
             raise ValueError(f"ResNet width multiplier must be > 0, got {width}")
+        if stem_stride not in STEM_STRIDES:
+            raise ValueError(f"ResNet stem_stride {stem_stride} is not one of {list(STEM_STRIDES)}")
         if len(replace_stride_with_dilation) != 3:
             raise ValueError("replace_stride_with_dilation needs 3 flags, one for each of layer2..layer4")
         self.depth, self.variant, self.width = depth, variant, width
-        self.stem, in_ch = _stem(variant, width)
+        self.stem, in_ch = _stem(variant, width, stem_stride)
         self.stage_channels: dict[str, int] = {"stem": in_ch}
         dilation = 1
         for i, (blocks, base_planes) in enumerate(zip(DEPTHS[depth], STAGE_PLANES), start=1):
@@ -174,7 +185,7 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The trunk: the last feature map (N, num_features, H/32, W/32) before pooling."""
+        """The trunk: the last feature map (N, num_features, H/s, W/s), s = 8 * stem_stride, before pooling."""
         x = self.stem(x)
         x = self.layer1(x)
         x = self.layer2(x)

@@ -25,7 +25,7 @@ from pipeline_src import params as P
 from pipeline_src.models.resnet import ResNet
 
 # The model keys that decide the shape of the weights; `init` and `zero_gamma` only shaped training.
-ARCH_KEYS = ("arch", "depth", "variant", "width")
+ARCH_KEYS = ("arch", "depth", "variant", "width", "stem_stride")
 # Dilation flags for layer2..layer4 by output stride (torchvision's segmentation backbones).
 DILATION = {8: (False, True, True), 16: (False, False, True), 32: (False, False, False)}
 
@@ -165,6 +165,7 @@ def load_backbone(
     model = ResNet(
         model_cfg["depth"], model_cfg["variant"], model_cfg["width"], meta["num_classes"],
         model_cfg["init"], replace_stride_with_dilation=replace_stride_with_dilation,
+        stem_stride=model_cfg["stem_stride"],
     )
     try:
         model.load_state_dict(state_dict)
