@@ -231,7 +231,7 @@ SCHEMA: dict[str, Any] = {
             "box_score_thresh": _float(0.0, 1.0),
             "box_nms_thresh": _float(0.0, 1.0),
             "box_detections_per_img": _int(1),
-            "metric": _str(["voc07", "all_point"]),
+            "metric": _str(["voc07", "voc07_exact", "all_point"]),
             "train_difficult": _bool(),
             "allow_missing_voc2012": _bool(),
         },
