@@ -5,6 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline_src.report.paper import load_paper_numbers
+from pipeline_src.report.results import Results
+from pipeline_src.report.tables import transfer_table
 from pipeline_src.transfer.metrics import (
     Detection,
     GroundTruth,
@@ -228,3 +231,9 @@ def test_no_class_prediction_counts_as_wrong_and_bad_values_are_errors():
         meter.update(np.array([0]), np.array([7]))
     with pytest.raises(ValueError, match="shape"):
         meter.update(np.zeros((2, 2)), np.zeros((2, 3)))
+
+
+def test_table9_names_the_miou_convention_it_reports(tmp_path):
+    spec = load_paper_numbers()["tables"]["table9"]
+    table = transfer_table(spec, Results(tmp_path, [0]), set())[1]
+    assert "mIoU (mean over all classes) ours" in table.headers
