@@ -1,14 +1,18 @@
 """VOC AP and ADE20K pixel accuracy / mIoU on cases computed by hand (in the comments)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from pipeline_src import params as P
 from pipeline_src.report.paper import load_paper_numbers
 from pipeline_src.report.results import Results
 from pipeline_src.report.tables import transfer_table
 from pipeline_src.transfer.metrics import (
+    AP_METRICS,
     Detection,
     GroundTruth,
     SegmentationMeter,
@@ -18,6 +22,7 @@ from pipeline_src.transfer.metrics import (
     voc_ap,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog"]
 
 
@@ -237,3 +242,11 @@ def test_table9_names_the_miou_convention_it_reports(tmp_path):
     spec = load_paper_numbers()["tables"]["table9"]
     table = transfer_table(spec, Results(tmp_path, [0]), set())[1]
     assert "mIoU (mean over all classes) ours" in table.headers
+
+
+def test_params_accept_exactly_the_ap_metrics():
+    for metric in AP_METRICS:
+        params = P.load(REPO / "params.yaml", [f"transfer.detection.metric={metric}"])
+        assert params["transfer"]["detection"]["metric"] == metric
+    with pytest.raises(P.ParamsError, match="transfer.detection.metric"):
+        P.load(REPO / "params.yaml", ["transfer.detection.metric=coco"])
