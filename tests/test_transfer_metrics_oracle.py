@@ -53,16 +53,16 @@ def devkit_overlap(bb, bbgt) -> Fraction | None:
 
 def oracle_orders(dets: list[Detection], images: list[str], ties: str) -> tuple[list[int], list[int]]:
     """(match order, rank order). stable: Python's stable sort, as MATLAB's; gluoncv: each image by
-    numpy argsort reversed, then the concatenation again."""
+    numpy argsort reversed of float32 scores (MXNet's), then the concatenation again."""
     if ties == "stable":
         order = sorted(range(len(dets)), key=lambda i: -dets[i].score)
         return order, order
     sequence = []
     for image in images:
         idx = [i for i, d in enumerate(dets) if d.image_id == image]
-        scores = np.array([dets[i].score for i in idx], dtype=np.float64)
+        scores = np.array([dets[i].score for i in idx], dtype=np.float32)
         sequence += [idx[k] for k in scores.argsort()[::-1]]
-    scores = np.array([dets[i].score for i in sequence], dtype=np.float64)
+    scores = np.array([dets[i].score for i in sequence], dtype=np.float32)
     return sequence, [sequence[k] for k in scores.argsort()[::-1]]
 
 

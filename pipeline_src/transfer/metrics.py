@@ -26,11 +26,11 @@ Tied scores (`TIE_ORDERS`):
   stable   ties keep their input order, as the devkit's stable MATLAB `sort` keeps the results
            file's order;
   gluoncv  GluonCV's order: each image's detections (images in ground-truth order) sorted by
-           `argsort()[::-1]` and matched in that order, then all of them ranked by `argsort()[::-1]`
-           of the scores so concatenated. numpy's default sort is not stable and how it breaks ties
-           depends on the numpy version and the CPU (its SIMD sorts), so this reproduces GluonCV
-           run with the same numpy on the same machine.
-The two differ only where a class has tied scores.
+           `argsort()[::-1]` of their float32 scores and matched in that order, then all of them
+           ranked by `argsort()[::-1]` of the scores so concatenated. numpy's default sort is not
+           stable and how it breaks ties depends on the numpy version and the CPU (its SIMD sorts),
+           so this reproduces GluonCV run with the same numpy on the same machine.
+The two differ only where a class has scores tied (in float32, for gluoncv).
 
 Segmentation accumulates one confusion matrix over the whole dataset: pixel accuracy = correct
 labelled pixels / labelled pixels; IoU_c = I_c / U_c from the summed counts. Two means:
@@ -130,6 +130,7 @@ def ranking(
         return order, order
     if ties != "gluoncv":
         raise ValueError(f"tie order must be one of {list(TIE_ORDERS)}, got {ties!r}")
+    scores = np.asarray(scores, dtype=np.float32)  # GluonCV's (MXNet's) scores are float32
     by_image: dict[str, list[int]] = {}
     for i, image_id in enumerate(image_ids):
         by_image.setdefault(image_id, []).append(i)
