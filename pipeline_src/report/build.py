@@ -139,11 +139,12 @@ def val_figure(params: dict, paper: dict, histories: dict[str, dict[int, dict]],
     single, loo = params["study"]["single_trick"], params["study"]["leave_one_out"]
     panels.append(("Single tricks", [single["base"]] + [f"single-{t}" for t in single["tricks"]]))
     panels.append(("Leave one out", [loo["stack"]] + [f"loo-{t}" for t in loo["tricks"]]))
-    series = {n: plots.mean_top1_curve(histories[n]) for _, runs in panels for n in runs}
+    series = {n: plots.top1_band(histories[n]) for _, runs in panels for n in runs}
     blocks: list[Block] = [Heading(3, "Figure 3 (bottom): validation top-1 per epoch")]
     if plots.val_top1(panels, series, path):
         blocks.append(Figure(path, f"figures/{path.name}",
-                             "Validation top-1 per epoch, mean over the seeds with a history.json"))
+                             "Validation top-1 per epoch: the line is the mean over the seeds with a history.json, "
+                             "the shaded band their min-max (no band where one seed ran)"))
     else:
         blocks.append(Para("Not drawn: no run of the tables has a history.json with validation accuracy."))
     return blocks
