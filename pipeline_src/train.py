@@ -32,7 +32,7 @@ from pipeline_src.tricks.distillation import distillation_loss
 from pipeline_src.tricks.label_smoothing import smooth_targets, soft_target_cross_entropy
 from pipeline_src.tricks.linear_scaling import scaled_lr
 from pipeline_src.tricks.lr_schedule import build_scheduler
-from pipeline_src.tricks.mixed_precision import autocast_context, effective_precision, make_grad_scaler
+from pipeline_src.tricks.mixed_precision import autocast_context, effective_precision, hardware, make_grad_scaler
 from pipeline_src.tricks.mixup import mixup
 from pipeline_src.tricks.no_bias_decay import param_groups
 
@@ -271,7 +271,7 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
             "train_loss": history[-1]["train_loss"],
             "images_per_s": statistics.median(h["images_per_s"] for h in history),  # robust to warm-up
             "wall_time_s": sum(h["epoch_time_s"] for h in history), "recipe": recipe,
-            "precision": precision,
+            "precision": precision, "machine": hardware(device),
         }
         checkpoint.save_final_model(out / "model.pt", model.state_dict(), {
             "run": run, "seed": seed, "model": cfg["model"], "num_classes": num_classes, "wnids": wnids,
@@ -281,8 +281,8 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
                                           "logit_gaps": final["logit_gaps"],
                                           "label_smoothing": train_cfg["label_smoothing"]})
         write_json(out / "metrics.json", metrics)
-        tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if k not in ("recipe", "precision")},
-                            step=train_cfg["epochs"])
+        numbers = {k: v for k, v in metrics.items() if k not in ("recipe", "precision", "machine")}
+        tracker.log_metrics({f"final_{k}": v for k, v in numbers.items()}, step=train_cfg["epochs"])
         tracker.log_artifact(out / "history.json")
     ckpt.unlink(missing_ok=True)  # model.pt holds the weights now; the resume state is spent
     return metrics
