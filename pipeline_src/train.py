@@ -12,7 +12,6 @@ Outputs: data/runs/<run>/seed<k>/{last.pt, model.pt, history.json, metrics.json}
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import statistics
@@ -47,11 +46,6 @@ def run_dir(params: dict, run: str, seed: int) -> Path:
 
 def betons_dir(params: dict) -> Path:
     return Path(params["paths"]["data"]) / "betons"
-
-
-def recipe_hash(cfg: dict) -> str:
-    """Fingerprint of everything that shapes a run's training, to never resume or skip a stale one."""
-    return hashlib.sha256(json.dumps(P.recipe_of(cfg), sort_keys=True).encode()).hexdigest()
 
 
 def is_finished(out: Path, recipe: str | None = None) -> bool:
@@ -173,7 +167,7 @@ def evaluate(model, loader, cfg: dict, device, precision: str, num_classes: int,
 def train(cfg: dict, run: str, seed: int) -> dict | None:
     """Train (or resume, or skip) one run; returns its final metrics on rank 0."""
     out = run_dir(cfg, run, seed)
-    recipe = recipe_hash(cfg)
+    recipe = P.recipe_hash(cfg)
     if is_finished(out, recipe):
         print(f"{out}: already finished with these params, skipping (delete it to re-train)")
         return json.loads((out / "metrics.json").read_text())
