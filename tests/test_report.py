@@ -182,7 +182,7 @@ def test_stale_runs_are_listed_and_never_tabulated(fake):
     t4 = _table(md, "### Table 4, BS = 256")
     nbd = t4["t4-no-bias-decay"]
     assert (nbd["top-1 ours"], nbd["Δ top-1 ours"], nbd["sign"], nbd["Δ top-1 paper"]) == ("—", "—", "—", "+0.29")
-    assert t4["t4-amp"]["top-1 ours"] == "73.00 ± 1.41" and t4["t4-amp"]["seeds"] == "2/3"  # seed 0's 10 % is out
+    assert t4["t4-amp"]["top-1 ours"] == "73.00 ± 1.41" and t4["t4-amp"]["seeds"] == "2/3"  # seed 0's 10 is out
     note = _section(md, "### Table 4, BS = 256")
     assert "Stale, left out of this table (see Stale results): `t4-no-bias-decay` (seeds 0, 1, 2), " \
            "`t4-amp` (seed 0)." in note

@@ -66,7 +66,7 @@ def seeds_line(seeds: list[int]) -> str:
 def _machine_text(machine: dict | None) -> str:
     if machine is None:
         return "not recorded (metrics.json written before train.py recorded its machine)"
-    flags = " ".join(machine["cpu_flags"]) or "none of avx512f, avx512_bf16, amx_tile, amx_bf16"
+    flags = " ".join(machine["cpu_flags"]) or "none of the AVX-512 / bf16 / AMX flags train.py looks for"
     gpu = f"GPU {machine['gpu']}" if machine.get("gpu") else "no GPU"
     return f"CPU {machine['cpu'] or 'unknown model'} (precision-relevant flags: {flags}), {gpu}"
 
@@ -75,11 +75,12 @@ def _precision_text(precision: str | None, machine: dict | None, requested: str)
     """The precision a run really computed in, as the run recorded it."""
     if precision is None:
         return "not recorded"
+    text = precision
     if precision == "amp" and machine is not None:
-        precision += " (fp16 autocast, loss scaling)" if machine.get("gpu") else " (bf16 autocast on CPU)"
-    if not precision.startswith(requested):
-        precision += f", asked {requested}"
-    return precision
+        text += " (fp16 autocast, loss scaling)" if machine.get("gpu") else " (bf16 autocast on CPU)"
+    if precision != requested:
+        text += f", asked {requested}"
+    return text
 
 
 def machine_lines(names: list[str], resolved: dict[str, dict], results: Results) -> list[str]:
@@ -90,7 +91,7 @@ def machine_lines(names: list[str], resolved: dict[str, dict], results: Results)
         r = results.run(name)
         if not r.finished:
             continue
-        requested = resolved[name]["train"]["precision"] if name in resolved else "?"
+        requested = resolved[name]["train"]["precision"]  # a finished run is one of the params file's
         texts = {_machine_text(info["machine"]) for info in r.ran_on.values()}
         for text in sorted(texts):
             machines.setdefault(text, []).append(name)
@@ -157,7 +158,7 @@ def status(names: list[str], results: Results) -> Para:
     return Para(text + ".")
 
 
-def stale_section(params: dict, names: list[str], results: Results) -> list[Block]:
+def stale_section(params: dict, names: list[str], defined: set[str], results: Results) -> list[Block]:
     """Every run seed whose metrics.json is not of the params reported, with what to do about it."""
     items = []
     for name in names:
@@ -168,9 +169,14 @@ def stale_section(params: dict, names: list[str], results: Results) -> list[Bloc
                  else f"python -m pipeline_src.train --run {name}")
         for why, seeds in by_reason.items():
             folders = ", ".join(f"`{Path(params['paths']['runs']) / name / f'seed{k}'}`" for k in seeds)
-            items.append(f"`{name}` {tables.seed_list(seeds)}: {why}. To tabulate it, delete {folders} and re-run "
-                         f"`{stage} --seed K --params {params['_source']}` (with the same --set options) for K = "
-                         f"{', '.join(map(str, seeds))}; or report it with the params it was trained with.")
+            listed = ", ".join(map(str, seeds))
+            if name in defined:
+                todo = (f"To tabulate it, delete {folders} and re-run `{stage} --seed K --params "
+                        f"{params['_source']}` (with this report's --set options, if any) for K = {listed}; "
+                        "or report it with the params it was trained with.")
+            else:
+                todo = f"Define the run in {params['_source']} and re-train it, or delete {folders}."
+            items.append(f"`{name}` {tables.seed_list(seeds)}: {why}. {todo}")
     if not items:
         return []
     return [Heading(2, "Stale results (left out of every table and figure)"), Bullets(tuple(items))]
@@ -283,6 +289,9 @@ def notes(paper: dict) -> list[Block]:
         f"sign: {tables.AGREE} or {tables.DISAGREE} with the paper's Δ only when our interval excludes 0; "
         f"{tables.UNRESOLVED} when it contains 0 or is undefined (one pair). A resolved Δ where the paper "
         f"prints +0.00 counts as {tables.DISAGREE}.",
+        "Stale: a training run's seed whose metrics.json records another recipe than the one these params "
+        "resolve the run to; such seeds are listed, never tabulated. Transfer results (Tables 8 and 9) "
+        "record no recipe yet, so a stale fine-tune cannot be told apart.",
         f"Paper numbers: {paper['source']}; kept in `pipeline_src/report/paper_numbers.yaml`.",
     ))]
 
@@ -300,7 +309,7 @@ def build(params: dict) -> dict[str, Path]:
     t = paper["tables"]
 
     blocks = header(params, num_classes, machine_lines(names, resolved, results)) + [status(names, results)]
-    blocks += stale_section(params, names, results)
+    blocks += stale_section(params, names, defined, results)
     blocks += [Heading(2, "Efficient training (Tables 3 and 4)")]
     blocks += tables.table3(t["table3"], results, defined)
     blocks += tables.comparison_table(t["table4"], results, defined)
