@@ -405,3 +405,11 @@ def test_malformed_history_is_a_clear_error(tmp_path, capsys):
     assert build.main(["--params", str(params_path)] + [a for s in sets for a in ("--set", s)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "'lr_curve' must be a list of [epoch, lr] pairs" in err
+
+
+def test_malformed_machine_record_is_a_clear_error(tmp_path, capsys):
+    params_path, sets = _params(tmp_path, seeds=[0])
+    _write_run(P.load(params_path, sets), "baseline", [70.0], machine="AMD")
+    assert build.main(["--params", str(params_path)] + [a for s in sets for a in ("--set", s)]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "runs" / "baseline" / "seed0" / "metrics.json") in err and "key 'machine'" in err
