@@ -12,7 +12,6 @@ Outputs: data/runs/<run>/seed<k>/{last.pt, model.pt, history.json, metrics.json}
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import statistics
@@ -32,7 +31,7 @@ from pipeline_src.tricks.distillation import distillation_loss
 from pipeline_src.tricks.label_smoothing import smooth_targets, soft_target_cross_entropy
 from pipeline_src.tricks.linear_scaling import scaled_lr
 from pipeline_src.tricks.lr_schedule import build_scheduler
-from pipeline_src.tricks.mixed_precision import autocast_context, effective_precision, make_grad_scaler
+from pipeline_src.tricks.mixed_precision import autocast_context, effective_precision, hardware, make_grad_scaler
 from pipeline_src.tricks.mixup import mixup
 from pipeline_src.tricks.no_bias_decay import param_groups
 
@@ -47,11 +46,6 @@ def run_dir(params: dict, run: str, seed: int) -> Path:
 
 def betons_dir(params: dict) -> Path:
     return Path(params["paths"]["data"]) / "betons"
-
-
-def recipe_hash(cfg: dict) -> str:
-    """Fingerprint of everything that shapes a run's training, to never resume or skip a stale one."""
-    return hashlib.sha256(json.dumps(P.recipe_of(cfg), sort_keys=True).encode()).hexdigest()
 
 
 def is_finished(out: Path, recipe: str | None = None) -> bool:
@@ -173,7 +167,7 @@ def evaluate(model, loader, cfg: dict, device, precision: str, num_classes: int,
 def train(cfg: dict, run: str, seed: int) -> dict | None:
     """Train (or resume, or skip) one run; returns its final metrics on rank 0."""
     out = run_dir(cfg, run, seed)
-    recipe = recipe_hash(cfg)
+    recipe = P.recipe_hash(cfg)
     if is_finished(out, recipe):
         print(f"{out}: already finished with these params, skipping (delete it to re-train)")
         return json.loads((out / "metrics.json").read_text())
@@ -271,7 +265,7 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
             "train_loss": history[-1]["train_loss"],
             "images_per_s": statistics.median(h["images_per_s"] for h in history),  # robust to warm-up
             "wall_time_s": sum(h["epoch_time_s"] for h in history), "recipe": recipe,
-            "precision": precision,
+            "precision": precision, "machine": hardware(device),
         }
         checkpoint.save_final_model(out / "model.pt", model.state_dict(), {
             "run": run, "seed": seed, "model": cfg["model"], "num_classes": num_classes, "wnids": wnids,
@@ -281,8 +275,8 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
                                           "logit_gaps": final["logit_gaps"],
                                           "label_smoothing": train_cfg["label_smoothing"]})
         write_json(out / "metrics.json", metrics)
-        tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if k not in ("recipe", "precision")},
-                            step=train_cfg["epochs"])
+        numbers = {k: v for k, v in metrics.items() if k not in ("recipe", "precision", "machine")}
+        tracker.log_metrics({f"final_{k}": v for k, v in numbers.items()}, step=train_cfg["epochs"])
         tracker.log_artifact(out / "history.json")
     ckpt.unlink(missing_ok=True)  # model.pt holds the weights now; the resume state is spent
     return metrics

@@ -67,6 +67,8 @@ def workspace(tmp_path_factory) -> Path:
 def test_whole_dag_ends_in_the_report(workspace):
     md = (workspace / "reports" / "report.md").read_text()
     assert "micro" in md and "Table 4" in md and "Table 6" in md
+    assert "Stale run seeds (other recipe than the params', never tabulated): 0." in md  # train and report agree
+    assert "Machine (every finished run, from metrics.json): CPU " in md
     params = P.load(workspace / "params.yaml")
     for run in params["study"]["tables"] + params["study"]["distilled"] + [params["teacher"]["run"]]:
         assert (workspace / "data" / "runs" / run / "seed0" / "metrics.json").is_file(), run

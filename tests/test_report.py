@@ -1,5 +1,6 @@
-"""The report stage: numbers over seeds, deltas and sign agreement, rankings, missing runs, figures,
-self-contained HTML, the paper's numbers, determinism. Fake run outputs with known numbers."""
+"""The report stage: numbers over seeds, paired-seed deltas with their intervals and sign verdicts,
+rankings, missing and stale runs, the machine header, figures, self-contained HTML, the paper's numbers,
+determinism. Fake run outputs (as train.py writes them) with known numbers."""
 import json
 import math
 import re
@@ -8,17 +9,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline_src import params as P
-from pipeline_src.report import build, tables
+from pipeline_src.report import build, plots, tables
 from pipeline_src.report.paper import PaperNumbersError, PaperValue, load_paper_numbers, runs_named
 from pipeline_src.report.render import to_markdown
-from pipeline_src.report.results import Summary, t_quantile
+from pipeline_src.report.results import Results, Summary, t_quantile
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = [0, 1, 2]
-T2 = 4.302652729911275  # Student t 0.975 quantile, df = 2
+T_975 = {1: 12.706204736174705, 2: 4.302652729911275}  # Student t 0.975 quantiles (published tables)
+T2 = T_975[2]
+MACHINE = {"cpu": "Test CPU 9000", "cpu_flags": ["avx512f", "avx512_bf16"], "gpu": None}
+
+
+def _paired(run: list[float], ref: list[float]) -> str:
+    """The Δ cell computed independently: numpy mean, std (ddof 1) and t interval of the differences."""
+    d = np.asarray(run) - np.asarray(ref)
+    mean, std = d.mean(), d.std(ddof=1)
+    half = T_975[len(d) - 1] * std / math.sqrt(len(d))
+    return f"{mean:+.2f} ± {std:.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
 
 
 def _params(tmp_path: Path, seeds=SEEDS) -> tuple[Path, list[str]]:
@@ -40,43 +52,64 @@ def _history(run: str, seed: int, top1: float, schedule: str, gaps=None, eps=0.0
             "logit_gaps": gaps if gaps is not None else [], "label_smoothing": eps}
 
 
-def _write_run(runs: Path, run: str, top1: list, top5: list | None = None, schedule: str = "step",
-               gaps=None, eps: float = 0.0) -> None:
+def _write_run(params: dict, run: str, top1: list, top5: list | None = None, schedule: str = "step",
+               gaps=None, eps: float = 0.0, recipe: str | None = None, precision: str | None = None,
+               machine: dict | None = MACHINE) -> None:
+    """metrics.json and history.json as train.py writes them, with the recipe the params resolve the run
+    to unless `recipe` is given (a stale run)."""
+    cfg = P.resolve_run(params, run)
     for seed, (t1, t5) in enumerate(zip(top1, top5 or [90.0] * len(top1))):
         if t1 is None:
             continue
-        out = runs / run / f"seed{seed}"
+        out = Path(params["paths"]["runs"]) / run / f"seed{seed}"
         out.mkdir(parents=True)
-        (out / "metrics.json").write_text(json.dumps({
-            "top1": t1, "top5": t5, "val_loss": 1.0, "train_loss": 1.5,
-            "images_per_s": 100.0 if run == "baseline" else 250.0, "wall_time_s": 4.0}))
+        metrics = {"top1": t1, "top5": t5, "val_loss": 1.0, "train_loss": 1.5,
+                   "images_per_s": 100.0 if run == "baseline" else 250.0, "wall_time_s": 4.0,
+                   "recipe": recipe or P.recipe_hash(cfg), "precision": precision or cfg["train"]["precision"]}
+        if machine is not None:
+            metrics["machine"] = machine
+        (out / "metrics.json").write_text(json.dumps(metrics))
         (out / "history.json").write_text(json.dumps(_history(run, seed, t1, schedule, gaps, eps)))
+
+
+def _stale_recipe(params: dict, run: str) -> str:
+    """The recipe of `run` trained with `--set train.epochs=2`: what an ad-hoc run records."""
+    cfg = P.resolve_run(params, run)
+    cfg["train"]["epochs"] = 2
+    return P.recipe_hash(cfg)
 
 
 @pytest.fixture(scope="module")
 def fake(tmp_path_factory):
     """Run outputs with hand-checkable numbers for three seeds; the rest of the runs is missing."""
     tmp_path = tmp_path_factory.mktemp("fake")
-    runs = tmp_path / "runs"
-    _write_run(runs, "baseline", [70, 72, 74])  # 72 ± 2 [67.03, 76.97]; top-5 90 ± 0
-    _write_run(runs, "t4-warmup", [73, 73.5, 74], [89, 89, 89])  # +1.50 (paper +0.16 ✓); top-5 -1 (paper +0.11 ✗)
-    _write_run(runs, "t4-zero-gamma", [71, 72, None])  # seed 2 missing: 71.50 ± 0.71, -0.50 (paper +0.32 ✗)
-    for run, t1 in [("single-warmup", 75), ("single-cosine", 71), ("single-amp", 73), ("single-mixup", 72.5),
-                    ("t6-mixup", 80), ("loo-cosine", 78), ("loo-mixup", 81), ("loo-warmup", 79.5),
-                    ("teacher", 85)]:
-        _write_run(runs, run, [t1] * 3)
-    _write_run(runs, "t6-cosine", [76, 76, 76], schedule="cosine", gaps=[8.0, 9.5, 10.0, 11.0])
-    _write_run(runs, "t6-label-smoothing", [77, 77, 77], schedule="cosine", gaps=[3.5, 4.0, 4.5, 5.0], eps=0.1)
+    path, sets = _params(tmp_path)
+    params = P.load(path, sets)
+    _write_run(params, "baseline", [70, 72, 74])  # 72 ± 2; top-5 90 ± 0
+    # each seed 1.5 (±0.1) above the baseline's: paired, resolved; unpaired the ±2 spreads would swamp it
+    _write_run(params, "t4-warmup", [71.5, 73.4, 75.6], [89, 89, 89])
+    _write_run(params, "t4-zero-gamma", [71, 72, None])  # seed 2 missing: 2 pairs, df = 1
+    _write_run(params, "t4-no-bias-decay", [99, 99, 99], recipe=_stale_recipe(params, "t4-no-bias-decay"))
+    _write_run(params, "t4-amp", [10, None, None], recipe=_stale_recipe(params, "t4-amp"))  # stale seed 0
+    _write_run(params, "t4-amp", [None, 72, 74])  # seeds 1, 2 current: Δ exactly 0 on both
+    for run, offset in [("single-warmup", 3), ("single-amp", 1), ("single-mixup", 0.5)]:
+        _write_run(params, run, [70 + offset, 72 + offset, 74 + offset], precision="fp32" if run == "single-amp"
+                   else None)
+    _write_run(params, "single-cosine", [69.5, 71, 72.5])  # -1 ± 0.5: unresolved
+    for run, t1 in [("t6-mixup", 80), ("loo-cosine", 78), ("loo-mixup", 81), ("loo-warmup", 79.5)]:
+        _write_run(params, run, [t1] * 3)
+    _write_run(params, "teacher", [85] * 3, machine=None)
+    _write_run(params, "t6-cosine", [76, 76, 76], schedule="cosine", gaps=[8.0, 9.5, 10.0, 11.0])
+    _write_run(params, "t6-label-smoothing", [77, 77, 77], schedule="cosine", gaps=[3.5, 4.0, 4.5, 5.0], eps=0.1)
     for seed, m in enumerate([60.0, 62.0]):
-        out = runs / "transfer" / "detection" / "t6-cosine" / f"seed{seed}"
+        out = tmp_path / "runs" / "transfer" / "detection" / "t6-cosine" / f"seed{seed}"
         out.mkdir(parents=True)
         (out / "metrics.json").write_text(json.dumps({"map": m}))
     betons = tmp_path / "data" / "betons"
     betons.mkdir(parents=True)
     (betons / "classes.json").write_text(json.dumps({"wnids": [f"n{i:08d}" for i in range(10)]}))
     (betons / "manifest.json").write_text(json.dumps({"source": "embedded", "counts": {"train": 1600, "val": 400}}))
-    path, sets = _params(tmp_path)
-    written = build.build(P.load(path, sets))
+    written = build.build(params)
     return tmp_path, written
 
 
@@ -109,44 +142,100 @@ def test_t_quantile_matches_published_table():
     s = Summary((70.0, 72.0, 74.0))
     assert (s.mean, s.std) == (72.0, 2.0)
     assert s.ci95 == pytest.approx((72 - T2 * 2 / math.sqrt(3), 72 + T2 * 2 / math.sqrt(3)))
-    assert Summary((1.0, 2.0)).ci95 is None and Summary((1.0,)).std is None
+    assert Summary((1.0, 2.0)).ci95 == pytest.approx((1.5 - T_975[1] * 0.5, 1.5 + T_975[1] * 0.5))
+    assert Summary((1.0,)).ci95 is None and Summary((1.0,)).std is None
 
 
-def test_table4_means_stds_ci_deltas_and_signs(fake):
+def _signs(md: str, heading: str, run: str) -> list[str]:
+    header, *body = _cells(md, heading)
+    row = next(r for r in body if r[1] == f"`{run}`")
+    return [c for h, c in zip(header, row) if h == "sign"]
+
+
+def test_table4_deltas_are_paired_over_seeds_with_t_intervals(fake):
     md = fake[1]["markdown"].read_text()
     t4 = _table(md, "### Table 4, BS = 256")
-    half = T2 * 2 / math.sqrt(3)
-    assert t4["baseline"]["top-1 ours"] == f"72.00 ± 2.00 [{72 - half:.2f}, {72 + half:.2f}]"
-    assert t4["baseline"]["top-1 ours"] == "72.00 ± 2.00 [67.03, 76.97]"
-    assert t4["baseline"]["top-5 ours"] == "90.00 ± 0.00 [90.00, 90.00]"
-    assert t4["baseline"]["seeds"] == "3/3"
+    assert t4["baseline"]["top-1 ours"] == "72.00 ± 2.00" and t4["baseline"]["seeds"] == "3/3"
     w = t4["t4-warmup"]
-    assert w["top-1 ours"] == "73.50 ± 0.50 [72.26, 74.74]" and w["top-1 paper"] == "76.03"
-    assert (w["Δ top-1 ours"], w["Δ top-1 paper"]) == ("+1.50", "+0.16")
-    assert (w["Δ top-5 ours"], w["Δ top-5 paper"]) == ("-1.00", "+0.11")
-    header, *body = _cells(md, "### Table 4, BS = 256")
-    warmup_row = next(r for r in body if r[1] == "`t4-warmup`")
-    assert [c for h, c in zip(header, warmup_row) if h == "sign"] == [tables.AGREE, tables.DISAGREE]
-    zero_row = next(r for r in body if r[1] == "`t4-zero-gamma`")
-    assert [c for h, c in zip(header, zero_row) if h == "sign"] == [tables.DISAGREE, tables.DISAGREE]
-    z = t4["t4-zero-gamma"]
-    assert z["seeds"] == "2/3" and z["top-1 ours"] == "71.50 ± 0.71" and z["Δ top-1 ours"] == "-0.50"
-    assert t4["t4-no-bias-decay"]["top-1 ours"] == "—" and t4["t4-no-bias-decay"]["Δ top-1 paper"] == "+0.29"
+    assert w["top-1 ours"] == "73.50 ± 2.05" and w["top-1 paper"] == "76.03" and w["paired seeds"] == "3"
+    assert w["Δ top-1 ours"] == _paired([71.5, 73.4, 75.6], [70, 72, 74]) == "+1.50 ± 0.10 [+1.25, +1.75]"
+    assert (w["Δ top-1 paper"], w["Δ top-5 ours"], w["Δ top-5 paper"]) == ("+0.16", "-1.00 ± 0.00 [-1.00, -1.00]",
+                                                                          "+0.11")
+    assert _signs(md, "### Table 4, BS = 256", "t4-warmup") == [tables.AGREE, tables.DISAGREE]
+    z = t4["t4-zero-gamma"]  # seed 2 missing: paired over seeds 0 and 1 only, df = 1
+    assert z["seeds"] == "2/3" and z["paired seeds"] == "2" and z["top-1 ours"] == "71.50 ± 0.71"
+    assert z["Δ top-1 ours"] == _paired([71, 72], [70, 72]) == "+0.50 ± 0.71 [-5.85, +6.85]"
+    assert _signs(md, "### Table 4, BS = 256", "t4-zero-gamma") == [tables.UNRESOLVED, tables.UNRESOLVED]
+    a = t4["t4-amp"]  # identical to the baseline seed by seed: the interval [0, 0] does not exclude 0
+    assert a["Δ top-1 ours"] == "+0.00 ± 0.00 [+0.00, +0.00]"
+    assert _signs(md, "### Table 4, BS = 256", "t4-amp") == [tables.UNRESOLVED, tables.UNRESOLVED]
+    assert "Summary, Table 4, BS = 256: top-1: 1 of 3 deltas resolved, 1 of them with the paper's sign (1 not " \
+           "computed: run missing); top-5: 1 of 3 deltas resolved, 0 of them with the paper's sign (1 not " \
+           "computed: run missing)." in md
     note = _section(md, "### Table 4, BS = 256")
-    assert "`t4-no-bias-decay` (no finished seed)" in note and "`t4-amp` (no finished seed)" in note
-    assert "`t4-zero-gamma` (seed 2 missing)" in note
+    assert "`t4-zero-gamma` (seed 2 missing)" in note and "pair only the seeds both runs finished" in note
+
+
+def test_stale_runs_are_listed_and_never_tabulated(fake):
+    tmp_path, written = fake
+    md = written["markdown"].read_text()
+    t4 = _table(md, "### Table 4, BS = 256")
+    nbd = t4["t4-no-bias-decay"]
+    assert (nbd["top-1 ours"], nbd["Δ top-1 ours"], nbd["sign"], nbd["Δ top-1 paper"]) == ("—", "—", "—", "+0.29")
+    assert t4["t4-amp"]["top-1 ours"] == "73.00 ± 1.41" and t4["t4-amp"]["seeds"] == "2/3"  # seed 0's 10 is out
+    note = _section(md, "### Table 4, BS = 256")
+    assert "Stale, left out of this table (see Stale results): `t4-no-bias-decay` (seeds 0, 1, 2), " \
+           "`t4-amp` (seed 0)." in note
+    stale = _section(md, "## Stale results (left out of every table and figure)")
+    runs = tmp_path / "runs"
+    assert f"`t4-amp` seed 0: trained with recipe {_stale_recipe(P.load(*_params(tmp_path)), 't4-amp')[:12]}" in stale
+    assert f"To tabulate it, delete `{runs / 't4-amp' / 'seed0'}` and re-run `python -m pipeline_src.train " \
+           "--run t4-amp --seed K" in stale and "for K = 0;" in stale
+    assert "`t4-no-bias-decay` seeds 0, 1, 2: trained with recipe" in stale and "for K = 0, 1, 2;" in stale
+    assert "Stale run seeds (other recipe than the params', never tabulated): 4." in md
+    assert "Missing runs: `t4-no-bias-decay` (only stale seeds)." in note
+    params = P.load(*_params(tmp_path))
+    recipes = {n: P.recipe_hash(P.resolve_run(params, n)) for n in P.all_run_names(params)}
+    results = Results(runs, SEEDS, recipes, params["_source"])
+    assert set(results.histories("t4-amp")) == {1, 2}  # the figures never see a stale seed
+    assert set(results.run("t4-amp").stale) == {0} and results.run("t4-amp").missing_seeds == []
+
+
+def test_one_seed_leaves_every_delta_unresolved(tmp_path):
+    path, sets = _params(tmp_path, seeds=[0])
+    params = P.load(path, sets)
+    _write_run(params, "baseline", [70])
+    _write_run(params, "t4-warmup", [75])
+    md = build.build(params)["markdown"].read_text()
+    assert "With one seed no standard deviation or interval is defined, so every delta's sign is unresolved" in md
+    w = _table(md, "### Table 4, BS = 256")["t4-warmup"]
+    assert w["top-1 ours"] == "75.00" and w["Δ top-1 ours"] == "+5.00 (1 seed, no interval)"
+    assert _signs(md, "### Table 4, BS = 256", "t4-warmup") == [tables.UNRESOLVED, tables.UNRESOLVED]
+    assert "top-1: 0 of 1 deltas resolved, 0 of them with the paper's sign" in md
+
+
+def test_sign_verdict_needs_the_interval_to_exclude_zero():
+    from pipeline_src.report.results import PairedDelta
+    up = PairedDelta((0, 1, 2), Summary((0.9, 1.0, 1.1)))
+    down = PairedDelta((0, 1, 2), Summary((-0.9, -1.0, -1.1)))
+    wide = PairedDelta((0, 1, 2), Summary((-1.0, 1.0, 3.0)))
+    assert [tables.sign_verdict(d, 0.5) for d in (up, down, wide)] == [tables.AGREE, tables.DISAGREE,
+                                                                       tables.UNRESOLVED]
+    assert tables.sign_verdict(down, -0.3) == tables.AGREE and tables.sign_verdict(up, 0.001) == tables.DISAGREE
+    assert tables.sign_verdict(PairedDelta((0,), Summary((5.0,))), 1.0) == tables.UNRESOLVED
 
 
 def test_table6_teacher_transfer_and_runs_not_defined(fake):
     md = fake[1]["markdown"].read_text()
-    assert "Distillation teacher `teacher` (3/3 seeds): top-1 85.00 ± 0.00 [85.00, 85.00]" in md
+    assert "Distillation teacher `teacher` (3/3 seeds): top-1 85.00 ± 0.00" in md
     t6 = _table(md, "### Table 6, ResNet-50-D")
     assert t6["t6-label-smoothing"]["top-1 ours"].startswith("77.00")
     assert t6["t6-label-smoothing"]["Δ top-1 ours"] == "—"  # its baseline t5-resnet-d has not run
+    assert t6["t6-label-smoothing"]["paired seeds"] == "0"
     assert "`t6-distill` (" in _section(md, "### Table 6, ResNet-50-D").split("Missing runs:")[1]
     t8 = _table(md, "### Table 8")
     assert t8["t6-cosine"]["VOC mAP ours"] == "61.00 ± 1.41" and t8["t6-cosine"]["seeds"] == "2/3"
-    assert t8["t6-cosine"]["ImageNet top-1 ours"] == "76.00 ± 0.00 [76.00, 76.00]"
+    assert t8["t6-cosine"]["ImageNet top-1 ours"] == "76.00 ± 0.00"
     assert t8["t6-label-smoothing"]["ImageNet top-1 paper"] == "78.34 †"
     assert t8["t6-mixup"]["VOC mAP paper"] == "81.10 †" and "+ distill w/o mixup †" in t8["t6-distill"]["backbone"]
     assert "`t8-resnet-b-standard` (no finished seed)" in _section(md, "### Table 8")
@@ -154,23 +243,37 @@ def test_table6_teacher_transfer_and_runs_not_defined(fake):
     assert "- † Not yet checked against the paper's PDF" in md
 
 
-def test_single_trick_and_leave_one_out_ranked_by_effect(fake):
+def test_single_trick_and_leave_one_out_ranked_by_paired_effect(fake):
     md = fake[1]["markdown"].read_text()
     single = list(_table(md, "### Single tricks").values())
     assert [r["trick"] for r in single[:4]] == ["warmup", "amp", "mixup", "cosine"]
-    assert [r["effect top-1"] for r in single[:4]] == ["+3.00", "+1.00", "+0.50", "-1.00"]
+    assert [r["effect top-1"] for r in single[:3]] == ["+3.00 ± 0.00 [+3.00, +3.00]", "+1.00 ± 0.00 [+1.00, +1.00]",
+                                                       "+0.50 ± 0.00 [+0.50, +0.50]"]
+    assert single[3]["effect top-1"] == _paired([69.5, 71, 72.5], [70, 72, 74]) == "-1.00 ± 0.50 [-2.24, +0.24]"
+    assert [r["top-1 verdict"] for r in single[:5]] == [tables.HELPS] * 3 + [tables.UNRESOLVED, "—"]
     assert [r["rank"] for r in single[:5]] == ["1", "2", "3", "4", "—"]
     assert [r["trick"] for r in single[4:]] == ["large_batch", "zero_gamma", "no_bias_decay", "resnet_d",
                                                 "label_smoothing"]  # missing: params order, last
     loo = list(_table(md, "### Leave one out").values())
-    assert [(r["trick"], r["effect top-1"]) for r in loo[:3]] == [("cosine", "+2.00"), ("warmup", "+0.50"),
-                                                                   ("mixup", "-1.00")]
+    assert [(r["trick"], r["effect top-1"].split(" ")[0], r["top-1 verdict"]) for r in loo[:3]] == [
+        ("cosine", "+2.00", tables.HELPS), ("warmup", "+0.50", tables.HELPS), ("mixup", "-1.00", tables.HURTS)]
 
 
 def test_header_says_where_the_data_came_from(fake):
     md = fake[1]["markdown"].read_text()
-    assert "Profile: `cpu-embedded`" in md and "NOT ImageNet" in md and "Seeds: 0, 1, 2" in md
+    assert "Profile: `cpu-embedded`" in md and "NOT ImageNet" in md
+    assert "Seeds: 0, 1, 2. Every ± is the sample standard deviation over these seeds; every [lo, hi] is a 95 % " \
+           "Student t interval over seeds of the paired differences" in md
     assert "Classes: 10" in md and "`counts.train`: 1600" in md and "`source`: embedded" in md
+    machine = "CPU Test CPU 9000 (precision-relevant flags: avx512f avx512_bf16), no GPU"
+    lines = [line for line in md.splitlines() if line.startswith("- Machine (")]
+    assert len(lines) == 2 and lines[0].startswith("- Machine (`baseline`, `t4-warmup`") and lines[0].endswith(machine)
+    assert lines[1] == ("- Machine (`teacher`, from metrics.json): not recorded (metrics.json written before "
+                        "train.py recorded its machine)")
+    precision = next(line for line in md.splitlines() if line.startswith("- Effective precision per run: "))
+    groups = dict(g.split(": ", 1) for g in precision.removeprefix("- Effective precision per run: ").split("; "))
+    assert "`t4-amp`" in groups["amp (bf16 autocast on CPU)"] and "`baseline`" in groups["fp32"]
+    assert groups["fp32, asked amp"] == "`single-amp`"  # an amp run this CPU kept at fp32
 
 
 def test_figures_written_and_html_self_contained(fake):
@@ -190,7 +293,15 @@ def test_figures_written_and_html_self_contained(fake):
     assert len(srcs) == 3 and all(s.startswith("data:image/png;base64,") for s in srcs)
     for ref in ("http://", "https://", "href=", "<link", "<script", "url("):
         assert ref not in html
-    assert "<td>72.00 ± 2.00 [67.03, 76.97]</td>" in html
+    assert "<td>+1.50 ± 0.10 [+1.25, +1.75]</td>" in html
+
+
+def test_figure3_bottom_band_is_min_max_over_seeds():
+    hs = {s: _history("r", s, t1, "step") for s, t1 in enumerate([70.0, 72.0, 77.0])}
+    del hs[2]["epochs"][0]["top1"]  # seed 2 did not evaluate epoch 1: only epochs all seeds have
+    band = plots.top1_band(hs)
+    assert [p.epoch for p in band] == [2, 3, 4]
+    assert band[-1] == plots.BandPoint(4, 73.0, 70.0, 77.0) and band[0] == plots.BandPoint(2, 71.0, 68.0, 75.0)
 
 
 def test_rerun_gives_identical_files(fake):
@@ -222,8 +333,9 @@ def test_zero_finished_runs_still_render_via_the_cli(tmp_path):
 def test_malformed_metrics_is_a_clear_error(tmp_path, capsys):
     out = tmp_path / "runs" / "baseline" / "seed0"
     out.mkdir(parents=True)
-    (out / "metrics.json").write_text(json.dumps({"top1": 70.0}))
     path, sets = _params(tmp_path, seeds=[0])
+    recipe = P.recipe_hash(P.resolve_run(P.load(path, sets), "baseline"))
+    (out / "metrics.json").write_text(json.dumps({"top1": 70.0, "recipe": recipe}))
     assert build.main(["--params", str(path)] + [a for s in sets for a in ("--set", s)]) == 2
     err = capsys.readouterr().err
     assert str(out / "metrics.json") in err and "'top5'" in err
@@ -284,12 +396,20 @@ def test_paper_numbers_file_errors_name_the_key(tmp_path):
 
 
 def test_malformed_history_is_a_clear_error(tmp_path, capsys):
-    _write_run(tmp_path / "runs", "baseline", [70.0])
+    params_path, sets = _params(tmp_path, seeds=[0])
+    _write_run(P.load(params_path, sets), "baseline", [70.0])
     path = tmp_path / "runs" / "baseline" / "seed0" / "history.json"
     data = json.loads(path.read_text())
     data["lr_curve"] = [0.1, 0.2]
     path.write_text(json.dumps(data))
-    params_path, sets = _params(tmp_path, seeds=[0])
     assert build.main(["--params", str(params_path)] + [a for s in sets for a in ("--set", s)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "'lr_curve' must be a list of [epoch, lr] pairs" in err
+
+
+def test_malformed_machine_record_is_a_clear_error(tmp_path, capsys):
+    params_path, sets = _params(tmp_path, seeds=[0])
+    _write_run(P.load(params_path, sets), "baseline", [70.0], machine="AMD")
+    assert build.main(["--params", str(params_path)] + [a for s in sets for a in ("--set", s)]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "runs" / "baseline" / "seed0" / "metrics.json") in err and "key 'machine'" in err

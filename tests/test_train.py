@@ -16,6 +16,7 @@ from pipeline_src import params as P
 from pipeline_src.checkpoint import load_model_weights
 from pipeline_src.models import build_model
 from pipeline_src.train import main, run_dir
+from pipeline_src.tricks.mixed_precision import hardware
 
 BIN = Path(sys.executable).parent
 
@@ -33,6 +34,7 @@ def test_train_writes_outputs_logs_to_mlflow_and_skips_a_finished_run(micro, cap
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"top1", "top5", "val_loss", "train_loss", "images_per_s", "wall_time_s"} <= set(metrics)
     assert 0 <= metrics["top1"] <= metrics["top5"] <= 100
+    assert metrics["precision"] in ("amp", "fp32") and metrics["machine"] == hardware(torch.device("cpu"))
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history["epochs"]] == [0, 1]
     assert history["tricks"] == ["warmup", "zero_gamma", "no_bias_decay", "amp"]

@@ -1,11 +1,18 @@
 """VOC AP and ADE20K pixel accuracy / mIoU on cases computed by hand (in the comments)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from pipeline_src import params as P
+from pipeline_src.report.paper import load_paper_numbers
+from pipeline_src.report.results import Results
+from pipeline_src.report.tables import transfer_table
 from pipeline_src.transfer.metrics import (
+    AP_METRICS,
     Detection,
     GroundTruth,
     SegmentationMeter,
@@ -15,6 +22,7 @@ from pipeline_src.transfer.metrics import (
     voc_ap,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog"]
 
 
@@ -82,14 +90,22 @@ def test_voc07_and_all_point_differ_on_a_small_ranking():
     assert evaluate_detections(dets, truth, ["cat"], metric="all_point")["ap"]["cat"] == pytest.approx(5 / 9)
 
 
-def test_voc_ap_counts_a_recall_of_exactly_three_tenths():
-    # 10 positives, 3 TPs at the top: recall 0.1, 0.2, 0.3 at precision 1; thresholds 0, .1, .2, .3
-    # are reached -> 4/11 (np.arange(0, 1.1, 0.1) would give 0.30000000000000004 and only 3/11).
+def test_voc07_uses_gluoncvs_thresholds_and_voc07_exact_the_exact_tenths():
+    # 10 positives, 3 TPs at the top: recall 0.1, 0.2, 0.3 at precision 1. voc07 thresholds are
+    # np.arange(0., 1.1, 0.1), whose 0.30000000000000004 the recall 3/10 does not reach: t = 0, .1, .2
+    # -> 3/11. voc07_exact's t = 3/10 is reached: 4/11.
     recall = np.array([1, 2, 3]) / 10
-    assert voc_ap(recall, np.ones(3)) == pytest.approx(4 / 11)
+    assert voc_ap(recall, np.ones(3)) == pytest.approx(3 / 11)
+    assert voc_ap(recall, np.ones(3), metric="voc07_exact") == pytest.approx(4 / 11)
+    # The same at a top recall of 6/10 (t = 0.6000000000000001 missed: 6/11 against 7/11) and of
+    # 7/10 (t = 0.7000000000000001 missed: 7/11 against 8/11).
+    for top in (6, 7):
+        recall = np.arange(1, top + 1) / 10
+        assert voc_ap(recall, np.ones(top)) == pytest.approx(top / 11)
+        assert voc_ap(recall, np.ones(top), metric="voc07_exact") == pytest.approx((top + 1) / 11)
     assert voc_ap(np.array([]), np.array([])) == 0.0
     with pytest.raises(ValueError, match="metric"):
-        voc_ap(recall, np.ones(3), metric="coco")
+        voc_ap(recall, np.ones(top), metric="coco")
 
 
 def test_difficult_objects_are_neither_misses_nor_false_positives():
@@ -106,16 +122,16 @@ def test_difficult_objects_are_neither_misses_nor_false_positives():
     assert evaluate_detections(dets, truth, ["cat"])["ap"]["cat"] == 1.0
 
 
-def test_iou_of_exactly_one_half_is_not_a_match():
+def test_iou_of_exactly_one_half_is_a_match():
     # GT [0, 0, 10, 10] (area 100); detection [0, 0, 10, 5]: IoU = 50 / 100 = 0.5 exactly.
-    # The devkit matches only when ovmax > 0.5 (strictly), so it is a FP and AP = 0;
-    # [0, 0, 10, 6] has IoU 0.6 and is a TP (AP 1).
+    # The devkit matches when ovmax >= 0.5 (as GluonCV does), so it is a TP and AP = 1;
+    # [0, 0, 10, 4] has IoU 0.4 and is a FP (AP 0).
     truth = {"a": gt([[0, 0, 10, 10]], [0])}
     assert box_iou(truth["a"].boxes, np.array([0, 0, 10, 5]))[0] == 0.5
     at_half = match_class([det("a", 0, 0.9, [0, 0, 10, 5])], truth, 0)
-    assert at_half.fp.tolist() == [True] and at_half.tp.tolist() == [False]
-    assert evaluate_detections([det("a", 0, 0.9, [0, 0, 10, 5])], truth, ["cat"])["ap"]["cat"] == 0.0
-    assert evaluate_detections([det("a", 0, 0.9, [0, 0, 10, 6])], truth, ["cat"])["ap"]["cat"] == 1.0
+    assert at_half.tp.tolist() == [True] and at_half.fp.tolist() == [False]
+    assert evaluate_detections([det("a", 0, 0.9, [0, 0, 10, 5])], truth, ["cat"])["ap"]["cat"] == 1.0
+    assert evaluate_detections([det("a", 0, 0.9, [0, 0, 10, 4])], truth, ["cat"])["ap"]["cat"] == 0.0
 
 
 def test_duplicate_detection_is_a_false_positive():
@@ -136,6 +152,18 @@ def test_ranking_is_by_descending_score_not_input_order():
     dets = [det("a", 0, 0.7, [20, 20, 30, 30]), det("a", 0, 0.8, [0, 0, 10, 10]), det("a", 0, 0.9, [0, 0, 10, 10])]
     assert match_class(dets, truth, 0).scores.tolist() == [0.9, 0.8, 0.7]
     assert evaluate_detections(dets, truth, ["cat"])["ap"]["cat"] == pytest.approx(28 / 33)
+
+
+def test_tied_scores_keep_their_input_order_by_default():
+    # Two detections of one cat, tied at 0.9: the first listed is the TP, the second the duplicate FP.
+    # Ranking TP, FP: AP 1. Listed the other way round (a FP without overlap first): FP, TP, AP 1/2.
+    truth = {"a": gt([[0, 0, 10, 10]], [0])}
+    hit, miss = det("a", 0, 0.9, [0, 0, 10, 10]), det("a", 0, 0.9, [20, 20, 30, 30])
+    assert evaluate_detections([hit, miss], truth, ["cat"])["ap"]["cat"] == 1.0
+    assert evaluate_detections([miss, hit], truth, ["cat"])["ap"]["cat"] == 0.5
+    assert evaluate_detections([miss, hit], truth, ["cat"])["ties"] == "stable"
+    with pytest.raises(ValueError, match="tie order"):
+        evaluate_detections([hit], truth, ["cat"], ties="random")
 
 
 def test_detection_on_an_image_without_that_class_is_false_positive_and_classes_without_truth_are_left_out():
@@ -173,20 +201,22 @@ def test_pixel_accuracy_and_miou_by_hand_with_ignored_pixels():
     scores = meter.compute()
     assert scores["pixel_accuracy"] == pytest.approx(2 / 3)
     assert scores["iou"] == pytest.approx([1 / 3, 2 / 3, 1 / 2])
-    assert scores["miou"] == pytest.approx(0.5)
+    assert scores["miou"] == pytest.approx(0.5) and scores["miou_present"] == pytest.approx(0.5)
     assert scores["labelled_pixels"] == 6
 
 
-def test_miou_accumulates_over_the_dataset_and_skips_absent_classes():
+def test_miou_accumulates_over_the_dataset_and_counts_absent_classes_as_zero():
     # image 1: target [0, 0], pred [0, 0]; image 2: target [0, 1], pred [1, 1]; class 2 never appears.
-    # summed: class 0 I 2, U 3 -> 2/3; class 1 I 1, U 2 -> 1/2; mIoU = 7/12 (a mean of per-image
-    # mIoUs would give (1 + 1/4) / 2 = 5/8). Pixel accuracy 3/4.
+    # summed: class 0 I 2, U 3 -> 2/3; class 1 I 1, U 2 -> 1/2; class 2 U 0.
+    # GluonCV's mIoU over all 3 classes: (2/3 + 1/2 + 0) / 3 = 7/18; over the 2 present: 7/12
+    # (a mean of per-image mIoUs would give (1 + 1/4) / 2 = 5/8). Pixel accuracy 3/4.
     meter = SegmentationMeter(3)
     meter.update(np.array([0, 0]), np.array([0, 0]))
     meter.update(np.array([1, 1]), np.array([0, 1]))
     scores = meter.compute()
     assert scores["iou"][:2] == pytest.approx([2 / 3, 1 / 2]) and scores["iou"][2] is None
-    assert scores["miou"] == pytest.approx(7 / 12)
+    assert scores["miou"] == pytest.approx(7 / 18)
+    assert scores["miou_present"] == pytest.approx(7 / 12)
     assert scores["pixel_accuracy"] == pytest.approx(3 / 4)
     meter.reset()
     with pytest.raises(ValueError, match="no labelled pixels"):
@@ -194,14 +224,29 @@ def test_miou_accumulates_over_the_dataset_and_skips_absent_classes():
 
 
 def test_no_class_prediction_counts_as_wrong_and_bad_values_are_errors():
-    # target [0, 0], pred [0, no class]: accuracy 1/2, class 0 I 1, U 2 -> 1/2.
+    # target [0, 0], pred [0, no class]: accuracy 1/2, class 0 I 1, U 2 -> 1/2; class 1 U 0.
     meter = SegmentationMeter(2)
     meter.update(np.array([0, IGN]), np.array([0, 0]))
-    assert meter.compute()["pixel_accuracy"] == 0.5
-    assert meter.compute()["miou"] == 0.5
+    scores = meter.compute()
+    assert scores["pixel_accuracy"] == 0.5
+    assert scores["miou"] == 0.25 and scores["miou_present"] == 0.5
     with pytest.raises(ValueError, match="prediction holds values"):
         meter.update(np.array([2]), np.array([0]))
     with pytest.raises(ValueError, match="target holds values"):
         meter.update(np.array([0]), np.array([7]))
     with pytest.raises(ValueError, match="shape"):
         meter.update(np.zeros((2, 2)), np.zeros((2, 3)))
+
+
+def test_table9_names_the_miou_convention_it_reports(tmp_path):
+    spec = load_paper_numbers()["tables"]["table9"]
+    table = transfer_table(spec, Results(tmp_path, [0]), set())[1]
+    assert "mIoU (mean over all classes) ours" in table.headers
+
+
+def test_params_accept_exactly_the_ap_metrics():
+    for metric in AP_METRICS:
+        params = P.load(REPO / "params.yaml", [f"transfer.detection.metric={metric}"])
+        assert params["transfer"]["detection"]["metric"] == metric
+    with pytest.raises(P.ParamsError, match="transfer.detection.metric"):
+        P.load(REPO / "params.yaml", ["transfer.detection.metric=coco"])

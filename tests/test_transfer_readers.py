@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from pipeline_src.transfer import ade20k, evaluate, voc
+from pipeline_src.transfer.metrics import GroundTruth, evaluate_detections
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog"]
@@ -246,6 +247,46 @@ def test_detection_cli_end_to_end(devkit: Path, tmp_path: Path):
     assert result["ap"]["cat"] == pytest.approx(5 / 6) and result["map"] == pytest.approx(11 / 12)
 
 
+# DETECTIONS' boxes in GluonCV's 0-based pixel-inclusive frame (x2, y2 one less) and in the XML's
+# 1-based one (x1, y1 one more): the same detections, so the same metrics.
+BOXES_IN = {
+    "pixel-inclusive": [[0, 0, 19, 19], [20, 20, 39, 39], [4, 4, 4, 8], [29, 9, 59, 39], [10, 10, 39, 29]],
+    "voc-xml": [[1, 1, 20, 20], [21, 21, 40, 40], [5, 5, 5, 9], [30, 10, 60, 40], [11, 11, 40, 30]],
+}
+
+
+@pytest.mark.parametrize("convention", sorted(BOXES_IN))
+def test_detection_cli_reads_boxes_in_the_given_convention(devkit: Path, tmp_path: Path, convention: str):
+    dets = tmp_path / "dets.json"
+    args = ["detection", "--dataset", str(devkit), "--year", "2007", "--split", "test",
+            "--predictions", str(dets), "--classes", "cat,dog"]
+    dets.write_text(json.dumps([{**d, "box": b} for d, b in zip(DETECTIONS, BOXES_IN[convention])]))
+    result = evaluate.main(args + ["--boxes", convention])
+    assert result["boxes"] == convention
+    assert result["ap"]["cat"] == pytest.approx(28 / 33) and result["ap"]["dog"] == 1.0
+    # Our continuous boxes misread as pixel-inclusive: the one-pixel cat's detection [4, 4, 5, 9]
+    # becomes [4, 4, 6, 10], IoU 5/12 with its box, a FP: cat ranking TP, FP, FP -> recall .5 -> 6/11.
+    dets.write_text(json.dumps(DETECTIONS))
+    assert evaluate.main(args + ["--boxes", "pixel-inclusive"])["ap"]["cat"] == pytest.approx(6 / 11)
+
+
+def test_detection_cli_tie_order(devkit: Path, tmp_path: Path):
+    # Both cats' detections at one score, the FP listed first: stable keeps FP, TP, TP -> recall 0, .5,
+    # 1 at precision 0, 1/2, 2/3 -> AP 2/3; gluoncv orders them as numpy's (unstable) argsort does.
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps([{**DETECTIONS[i], "score": 0.5} for i in (1, 0, 2)]))
+    args = ["detection", "--dataset", str(devkit), "--year", "2007", "--split", "test",
+            "--predictions", str(dets), "--classes", "cat,dog"]
+    result = evaluate.main(args)
+    assert result["ties"] == "stable" and result["ap"]["cat"] == pytest.approx(2 / 3)
+    records = voc.read_split(devkit, "2007", "test", CLASSES)
+    truth = {r.image_id: GroundTruth(r.boxes, r.labels, r.difficult) for r in records}
+    loaded = evaluate.load_detections(dets, CLASSES, set(truth))
+    gluoncv = evaluate.main(args + ["--ties", "gluoncv"])
+    assert gluoncv["ties"] == "gluoncv"
+    assert gluoncv["ap"] == evaluate_detections(loaded, truth, CLASSES, ties="gluoncv")["ap"]
+
+
 @pytest.mark.parametrize(
     "entry, message",
     [
@@ -296,7 +337,7 @@ def test_segmentation_cli_end_to_end(ade: Path, tmp_path: Path):
     assert json.loads(out.read_text()) == result
     assert result["pixel_accuracy"] == pytest.approx(5 / 8)
     assert result["iou"] == pytest.approx({"1": 2 / 5, "2": 2 / 3, "3": 1 / 2})
-    assert result["miou"] == pytest.approx(47 / 90)
+    assert result["miou"] == pytest.approx(47 / 90) and result["miou_present"] == pytest.approx(47 / 90)
     assert result["labelled_pixels"] == 8 and result["num_images"] == 2
 
 

@@ -289,8 +289,8 @@ def test_segmentation_stage_end_to_end_and_skip(env, capsys):
     metrics = train_segmentation.run(params, BACKBONE, 0)
     out = bb.result_dir(params, "segmentation", BACKBONE, 0)
     assert json.loads((out / "metrics.json").read_text()) == metrics
-    assert {"pixel_accuracy", "miou", "backbone", "backbone_top1", "wall_time_s"} <= set(metrics)
-    assert 0.0 <= metrics["miou"] <= 100.0 and 0.0 <= metrics["pixel_accuracy"] <= 100.0
+    assert {"pixel_accuracy", "miou", "miou_present", "backbone", "backbone_top1", "wall_time_s"} <= set(metrics)
+    assert 0.0 <= metrics["miou"] <= metrics["miou_present"] <= 100.0 and 0.0 <= metrics["pixel_accuracy"] <= 100.0
     assert metrics["num_classes"] == CLASSES and metrics["output_stride"] == 8
     _, meta = checkpoint.load_model_weights(out / "model.pt")
     assert meta["task"] == "segmentation" and meta["num_classes"] == CLASSES

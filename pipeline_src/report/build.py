@@ -52,7 +52,63 @@ def _manifest_items(node: Any, prefix: str = "") -> list[str]:
     return items
 
 
-def header(params: dict, num_classes: int | None) -> list[Block]:
+def seeds_line(seeds: list[int]) -> str:
+    """The seeds, and what the ± and the intervals are taken over (or that one seed defines neither)."""
+    listed = ", ".join(map(str, seeds))
+    if len(seeds) < 2:
+        return (f"Seeds: {listed}. With one seed no standard deviation or interval is defined, so every "
+                "delta's sign is unresolved; list 3 or more seeds in `study.seeds` to resolve them")
+    return (f"Seeds: {listed}. Every ± is the sample standard deviation over these seeds; every [lo, hi] is "
+            "a 95 % Student t interval over seeds of the paired differences (a run and its reference "
+            "trained with the same seed, over the seeds both finished)")
+
+
+def _machine_text(machine: dict | None) -> str:
+    if machine is None:
+        return "not recorded (metrics.json written before train.py recorded its machine)"
+    flags = " ".join(machine["cpu_flags"]) or "none of the AVX-512 / bf16 / AMX flags train.py looks for"
+    gpu = f"GPU {machine['gpu']}" if machine.get("gpu") else "no GPU"
+    return f"CPU {machine['cpu'] or 'unknown model'} (precision-relevant flags: {flags}), {gpu}"
+
+
+def _precision_text(precision: str | None, machine: dict | None, requested: str) -> str:
+    """The precision a run really computed in, as the run recorded it."""
+    if precision is None:
+        return "not recorded"
+    text = precision
+    if precision == "amp" and machine is not None:
+        text += " (fp16 autocast, loss scaling)" if machine.get("gpu") else " (bf16 autocast on CPU)"
+    if precision != requested:
+        text += f", asked {requested}"
+    return text
+
+
+def machine_lines(names: list[str], resolved: dict[str, dict], results: Results) -> list[str]:
+    """Which machine made the tabulated results, and each run's effective precision, from metrics.json."""
+    machines: dict[str, list[str]] = {}
+    precisions: dict[str, list[str]] = {}
+    for name in names:
+        r = results.run(name)
+        if not r.finished:
+            continue
+        requested = resolved[name]["train"]["precision"]  # a finished run is one of the params file's
+        texts = {_machine_text(info["machine"]) for info in r.ran_on.values()}
+        for text in sorted(texts):
+            machines.setdefault(text, []).append(name)
+        kinds = sorted({_precision_text(info["precision"], info["machine"], requested) for info in r.ran_on.values()})
+        precisions.setdefault(" / ".join(kinds), []).append(name)
+    if not machines:
+        return ["Machine and precision: no finished run yet"]
+    lines = []
+    for text, runs in machines.items():
+        scope = "every finished run" if len(machines) == 1 else _names(runs)
+        lines.append(f"Machine ({scope}, from metrics.json): {text}")
+    lines.append("Effective precision per run: " + "; ".join(f"{kind}: {_names(runs)}" for kind, runs in
+                                                             sorted(precisions.items())))
+    return lines
+
+
+def header(params: dict, num_classes: int | None, machine: list[str]) -> list[Block]:
     """Where the numbers came from, so a CPU run on synthetic data is never mistaken for ImageNet."""
     prof, data_dir = params["profile"], Path(params["paths"]["data"])
     imagenet = params["data"]["imagenet_dir"]
@@ -70,10 +126,11 @@ def header(params: dict, num_classes: int | None) -> list[Block]:
         f"Data: {source}",
         f"Classes: {num_classes} (from `{data_dir / 'betons' / 'classes.json'}`)" if num_classes is not None
         else f"Classes: unknown, `{data_dir / 'betons' / 'classes.json'}` not found (the prepare stage has not run here)",
-        f"Seeds: {', '.join(map(str, params['study']['seeds']))}",
+        seeds_line(params["study"]["seeds"]),
         f"Shared settings (runs change some through their tricks): {model['arch']}-{model['depth']} "
         f"variant {model['variant']}, width {model['width']}, {train['epochs']} epochs, batch "
         f"{train['batch_size']}, base LR {train['base_lr']}, train crop {params['loader']['res']} px",
+        *machine,
     ]
     manifest = data_dir / "betons" / "manifest.json"
     blocks: list[Block] = [Heading(1, "Bag of Tricks re-run: report"), Bullets(tuple(items))]
@@ -88,15 +145,41 @@ def header(params: dict, num_classes: int | None) -> list[Block]:
 
 
 def status(names: list[str], results: Results) -> Para:
-    done = [n for n in names if results.run(n).finished and not results.run(n).missing_seeds]
-    partial = [n for n in names if results.run(n).finished and results.run(n).missing_seeds]
+    done = [n for n in names if results.run(n).complete]
+    partial = [n for n in names if results.run(n).finished and not results.run(n).complete]
     missing = [n for n in names if not results.run(n).finished]
+    stale = sum(len(results.run(n).stale) for n in names)
     text = f"Runs: {len(done)} of {len(names)} finished for every seed"
     if partial:
         text += f", {len(partial)} for some seeds"
     if missing:
         text += f"; no finished seed yet: {', '.join(f'`{n}`' for n in missing)}"
+    text += f". Stale run seeds (other recipe than the params', never tabulated): {stale}"
     return Para(text + ".")
+
+
+def stale_section(params: dict, names: list[str], defined: set[str], results: Results) -> list[Block]:
+    """Every run seed whose metrics.json is not of the params reported, with what to do about it."""
+    items = []
+    for name in names:
+        by_reason: dict[str, list[int]] = {}
+        for seed, why in sorted(results.run(name).stale.items()):
+            by_reason.setdefault(why, []).append(seed)
+        stage = ("python -m pipeline_src.teacher" if name == params["teacher"]["run"]
+                 else f"python -m pipeline_src.train --run {name}")
+        for why, seeds in by_reason.items():
+            folders = ", ".join(f"`{Path(params['paths']['runs']) / name / f'seed{k}'}`" for k in seeds)
+            listed = ", ".join(map(str, seeds))
+            if name in defined:
+                todo = (f"To tabulate it, delete {folders} and re-run `{stage} --seed K --params "
+                        f"{params['_source']}` (with this report's --set options, if any) for K = {listed}; "
+                        "or report it with the params it was trained with.")
+            else:
+                todo = f"Define the run in {params['_source']} and re-train it, or delete {folders}."
+            items.append(f"`{name}` {tables.seed_list(seeds)}: {why}. {todo}")
+    if not items:
+        return []
+    return [Heading(2, "Stale results (left out of every table and figure)"), Bullets(tuple(items))]
 
 
 def _first_with(histories: dict[int, dict], key: str) -> dict | None:
@@ -139,11 +222,12 @@ def val_figure(params: dict, paper: dict, histories: dict[str, dict[int, dict]],
     single, loo = params["study"]["single_trick"], params["study"]["leave_one_out"]
     panels.append(("Single tricks", [single["base"]] + [f"single-{t}" for t in single["tricks"]]))
     panels.append(("Leave one out", [loo["stack"]] + [f"loo-{t}" for t in loo["tricks"]]))
-    series = {n: plots.mean_top1_curve(histories[n]) for _, runs in panels for n in runs}
+    series = {n: plots.top1_band(histories[n]) for _, runs in panels for n in runs}
     blocks: list[Block] = [Heading(3, "Figure 3 (bottom): validation top-1 per epoch")]
     if plots.val_top1(panels, series, path):
         blocks.append(Figure(path, f"figures/{path.name}",
-                             "Validation top-1 per epoch, mean over the seeds with a history.json"))
+                             "Validation top-1 per epoch: the line is the mean over the seeds with a history.json, "
+                             "the shaded band their min-max (no band where one seed ran)"))
     else:
         blocks.append(Para("Not drawn: no run of the tables has a history.json with validation accuracy."))
     return blocks
@@ -198,11 +282,16 @@ def figures(params: dict, paper: dict, results: Results, names: list[str], num_c
 def notes(paper: dict) -> list[Block]:
     return [Heading(2, "Notes"), Bullets((
         f"{tables.DAGGER} {paper['unverified_note']}",
-        "Ours: mean over the finished seeds ± sample standard deviation (2+ seeds) [95 % Student t "
-        "interval of the mean] (3+ seeds).",
-        f"Δ: a row's mean minus its column's baseline (first) row, ours and the paper's; "
-        f"{tables.AGREE} when both point the same way, {tables.DISAGREE} when not. A Δ inside the "
-        "seeds' spread is noise whichever its sign.",
+        "Ours: mean over the finished, non-stale seeds ± sample standard deviation (2+ seeds).",
+        "Δ ours: for each seed both a row's run and its column's baseline (first) row finished, the run's "
+        "number minus the baseline's with the same seed; the cell is the mean ± std of these differences "
+        "[their 95 % Student t interval, df = pairs − 1]. Δ paper: the row minus the baseline row.",
+        f"sign: {tables.AGREE} or {tables.DISAGREE} with the paper's Δ only when our interval excludes 0; "
+        f"{tables.UNRESOLVED} when it contains 0 or is undefined (one pair). A resolved Δ where the paper "
+        f"prints +0.00 counts as {tables.DISAGREE}.",
+        "Stale: a training run's seed whose metrics.json records another recipe than the one these params "
+        "resolve the run to; such seeds are listed, never tabulated. Transfer results (Tables 8 and 9) "
+        "record no recipe yet, so a stale fine-tune cannot be told apart.",
         f"Paper numbers: {paper['source']}; kept in `pipeline_src/report/paper_numbers.yaml`.",
     ))]
 
@@ -210,14 +299,17 @@ def notes(paper: dict) -> list[Block]:
 def build(params: dict) -> dict[str, Path]:
     """Write report.md, report.html and the figures; returns their paths."""
     paper = load_paper_numbers()
-    results = Results(params["paths"]["runs"], params["study"]["seeds"])
+    resolved = {n: P.resolve_run(params, n) for n in P.all_run_names(params)}
+    recipes = {n: P.recipe_hash(cfg) for n, cfg in resolved.items()}
+    results = Results(params["paths"]["runs"], params["study"]["seeds"], recipes, params["_source"])
     out_dir = Path(params["paths"]["reports"])
-    defined = set(P.all_run_names(params))
-    names = P.all_run_names(params) + [n for n in runs_named(paper) if n not in defined]
+    defined = set(resolved)
+    names = list(resolved) + [n for n in runs_named(paper) if n not in defined]
     num_classes = read_num_classes(Path(params["paths"]["data"]))
     t = paper["tables"]
 
-    blocks = header(params, num_classes) + [status(names, results)]
+    blocks = header(params, num_classes, machine_lines(names, resolved, results)) + [status(names, results)]
+    blocks += stale_section(params, names, defined, results)
     blocks += [Heading(2, "Efficient training (Tables 3 and 4)")]
     blocks += tables.table3(t["table3"], results, defined)
     blocks += tables.comparison_table(t["table4"], results, defined)

@@ -7,6 +7,7 @@ Software tag, so identical inputs give identical PNG bytes.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,22 @@ GAP_BINS = 50
 def save_png(fig: Figure, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI, metadata=PNG_METADATA)
+
+
+def _label_axes(ax, xlabel: str, ylabel: str, title: str, title_size: float | str = "large",
+                legend_size: float = 7) -> None:
+    """The axis labels, title, light grid and legend every panel of the report carries."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=title_size)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def _save_single(fig: Figure, ax, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    _label_axes(ax, xlabel, ylabel, title)
+    fig.tight_layout()
+    save_png(fig, path)
 
 
 def _curve_key(curve: list) -> tuple:
@@ -45,27 +62,36 @@ def lr_schedule(curves: dict[str, list], path: Path) -> list[list[str]]:
         curve = np.asarray(curves[runs[0]], dtype=float)
         more = f" +{len(runs) - 1} more" if len(runs) > 1 else ""
         ax.plot(curve[:, 0], curve[:, 1], label=f"{i}: {runs[0]}{more}", linewidth=1.2, drawstyle="steps-post")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("learning rate")
-    ax.set_title("Learning-rate schedules (per iteration)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_png(fig, path)
+    _save_single(fig, ax, "epoch", "learning rate", "Learning-rate schedules (per iteration)", path)
     return groups
 
 
-def mean_top1_curve(histories: dict[int, dict]) -> list[tuple[int, float]]:
-    """(epoch, top-1) averaged over seeds, at the epochs every seed evaluated (1-based epochs)."""
+@dataclass(frozen=True)
+class BandPoint:
+    """One epoch of a run's validation curve over seeds: the mean and the min-max band around it."""
+
+    epoch: int  # 1-based
+    mean: float
+    low: float
+    high: float
+
+
+def top1_band(histories: dict[int, dict]) -> list[BandPoint]:
+    """Validation top-1 over seeds (mean, min, max) at the epochs every seed evaluated."""
     per_seed = [{e["epoch"] + 1: e["top1"] for e in h["epochs"] if "top1" in e} for h in histories.values()]
     if not per_seed:
         return []
     common = sorted(set.intersection(*(set(s) for s in per_seed)))
-    return [(ep, sum(s[ep] for s in per_seed) / len(per_seed)) for ep in common]
+    points = []
+    for ep in common:
+        values = [s[ep] for s in per_seed]
+        points.append(BandPoint(ep, sum(values) / len(values), min(values), max(values)))
+    return points
 
 
-def val_top1(panels: list[tuple[str, list[str]]], series: dict[str, list[tuple[int, float]]], path: Path) -> int:
-    """Figure 3 (bottom): validation top-1 per epoch, one panel per table; returns the panels drawn."""
+def val_top1(panels: list[tuple[str, list[str]]], series: dict[str, list[BandPoint]], path: Path) -> int:
+    """Figure 3 (bottom): validation top-1 per epoch, one panel per table, each run's mean over seeds as a
+    line and its min-max over seeds as a shaded band; returns the panels drawn."""
     drawn = [(title, [r for r in runs if series.get(r)]) for title, runs in panels]
     drawn = [(title, runs) for title, runs in drawn if runs]
     if not drawn:
@@ -76,13 +102,12 @@ def val_top1(panels: list[tuple[str, list[str]]], series: dict[str, list[tuple[i
     for i, (title, runs) in enumerate(drawn, start=1):
         ax = fig.add_subplot(rows, cols, i)
         for run in runs:
-            xs, ys = zip(*series[run])
-            ax.plot(xs, ys, marker=".", linewidth=1.0, label=run)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("val top-1 (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+            pts = series[run]
+            xs = [p.epoch for p in pts]
+            (line,) = ax.plot(xs, [p.mean for p in pts], marker=".", linewidth=1.0, label=run)
+            ax.fill_between(xs, [p.low for p in pts], [p.high for p in pts], color=line.get_color(), alpha=0.2,
+                            linewidth=0)
+        _label_axes(ax, "epoch", "val top-1 (%)", title, title_size=9, legend_size=6)
     fig.tight_layout()
     save_png(fig, path)
     return len(drawn)
@@ -107,10 +132,4 @@ def logit_gaps(without: tuple[str, list[float]], with_ls: tuple[str, list[float]
     if optimum is not None:
         ax.axvline(optimum, color="black", linestyle="--", linewidth=1.2,
                    label=f"optimum log((K-1)(1-eps)/eps) = {optimum:.2f}")
-    ax.set_xlabel("max logit − mean of the other logits")
-    ax.set_ylabel("density")
-    ax.set_title("Logit gaps on the validation set")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_png(fig, path)
+    _save_single(fig, ax, "max logit − mean of the other logits", "density", "Logit gaps on the validation set", path)

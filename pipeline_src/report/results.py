@@ -1,7 +1,9 @@
 """What the runs wrote, read back: per-seed metrics, histories, transfer results, and their statistics.
 
 Only files are read (metrics.json, history.json), never a training object, so the report can be
-built anywhere the run folders are. A missing file means "not run yet"; a malformed one is an error.
+built anywhere the run folders are. A missing file means "not run yet"; a malformed one is an error;
+one whose recorded recipe is not the recipe the params resolve the run to is stale: it is kept out of
+every number and listed instead.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def t_quantile(df: int, level: float = 0.95) -> float:
 
 @dataclass(frozen=True)
 class Summary:
-    """Mean over seeds, sample std (n >= 2) and a 95 % Student t interval for the mean (n >= 3)."""
+    """Mean over seeds, sample std and a 95 % Student t interval for the mean (both need n >= 2)."""
 
     values: tuple[float, ...]
 
@@ -71,7 +73,7 @@ class Summary:
 
     @property
     def ci95(self) -> tuple[float, float] | None:
-        if self.n < 3:
+        if self.n < 2:
             return None
         half = t_quantile(self.n - 1) * self.std / math.sqrt(self.n)
         return self.mean - half, self.mean + half
@@ -79,18 +81,42 @@ class Summary:
 
 @dataclass
 class RunResult:
-    """The finished seeds of one run (seed -> metrics) and the seeds still missing."""
+    """The finished seeds of one run (seed -> metrics), the seeds still missing, the stale ones
+    (seed -> why) and what each finished seed recorded about how it ran (seed -> precision, machine)."""
 
     name: str
     metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     missing_seeds: list[int] = field(default_factory=list)
+    stale: dict[int, str] = field(default_factory=dict)
+    ran_on: dict[int, dict] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
         return bool(self.metrics)
 
+    @property
+    def complete(self) -> bool:
+        return self.finished and not self.missing_seeds and not self.stale
+
     def summary(self, key: str) -> Summary | None:
         return Summary(tuple(m[key] for m in self.metrics.values())) if self.metrics else None
+
+
+@dataclass(frozen=True)
+class PairedDelta:
+    """A run minus its reference over the seeds both finished, seed by seed (a paired comparison:
+    seed-to-seed variation common to both cancels); `diffs` holds mean, std and 95 % t interval."""
+
+    seeds: tuple[int, ...]
+    diffs: Summary
+
+
+def paired_delta(run: RunResult, reference: RunResult, key: str) -> PairedDelta | None:
+    """`run - reference` on `key` for each seed both have; None when they share no seed."""
+    seeds = tuple(sorted(set(run.metrics) & set(reference.metrics)))
+    if not seeds:
+        return None
+    return PairedDelta(seeds, Summary(tuple(run.metrics[s][key] - reference.metrics[s][key] for s in seeds)))
 
 
 def read_json(path: Path) -> Any:
@@ -101,9 +127,11 @@ def read_json(path: Path) -> Any:
         raise ReportInputError(f"{path}: not valid JSON ({exc}); delete it and re-run the stage that wrote it") from exc
 
 
-def read_metrics(path: Path, keys: tuple[str, ...]) -> dict[str, float]:
-    """One metrics.json, checked to hold a finite number for every key."""
-    data = read_json(path)
+def read_metrics(path: Path, keys: tuple[str, ...], data: Any = None) -> dict[str, float]:
+    """One metrics.json (`data`: its content when already read), checked to hold a finite number for
+    every key."""
+    if data is None:
+        data = read_json(path)
     if not isinstance(data, dict):
         raise ReportInputError(f"{path}: expected a JSON object with keys {list(keys)}")
     out = {}
@@ -118,29 +146,66 @@ def read_metrics(path: Path, keys: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
-class Results:
-    """Reads `<runs>/<run>/seed<k>/` and `<runs>/transfer/<task>/<run>/seed<k>/` for the study's seeds."""
+def stale_reason(data: dict, expected: str | None, params_source: str) -> str | None:
+    """Why a training run's metrics.json does not belong to the params being reported, or None."""
+    if expected is None:
+        return f"not a run of {params_source}"
+    found = data.get("recipe")
+    if not isinstance(found, str):
+        return "records no recipe (written by older code, or imported rather than trained)"
+    if found != expected:
+        return f"trained with recipe {found[:12]}, but {params_source} resolves this run to {expected[:12]}"
+    return None
 
-    def __init__(self, runs_dir: str | Path, seeds: list[int]):
+
+def _ran_on(data: dict, path: Path) -> dict:
+    """The effective precision and machine a run recorded (older runs recorded no machine)."""
+    precision, machine = data.get("precision"), data.get("machine")
+    if precision is not None and not isinstance(precision, str):
+        raise ReportInputError(f"{path}: key 'precision' must be a string, got {precision!r}")
+    if machine is not None and not (isinstance(machine, dict) and isinstance(machine.get("cpu"), str)
+                                    and isinstance(machine.get("cpu_flags"), list)):
+        raise ReportInputError(f"{path}: key 'machine' must be an object with 'cpu' (a string) and 'cpu_flags' "
+                               f"(a list), got {machine!r}; delete its seed folder and re-run the run")
+    return {"precision": precision, "machine": machine}
+
+
+class Results:
+    """Reads `<runs>/<run>/seed<k>/` and `<runs>/transfer/<task>/<run>/seed<k>/` for the study's seeds.
+
+    `recipes` maps each run of the params file to `params.recipe_hash` of its resolved params; a
+    training run's seed whose metrics.json records another recipe (or none) is stale."""
+
+    def __init__(self, runs_dir: str | Path, seeds: list[int], recipes: dict[str, str], params_source: str):
         self.runs_dir = Path(runs_dir)
         self.seeds = list(seeds)
+        self.recipes = dict(recipes)
+        self.params_source = params_source
         self._cache: dict[tuple[str, str], RunResult] = {}
 
-    def _collect(self, folder: Path, name: str, keys: tuple[str, ...]) -> RunResult:
+    def _collect(self, folder: Path, name: str, keys: tuple[str, ...], check_recipe: bool) -> RunResult:
         result = RunResult(name)
         for seed in self.seeds:
             path = folder / f"seed{seed}" / "metrics.json"
-            if path.is_file():
-                result.metrics[seed] = read_metrics(path, keys)
-            else:
+            if not path.is_file():
                 result.missing_seeds.append(seed)
+                continue
+            data = read_json(path)
+            if check_recipe and isinstance(data, dict):
+                reason = stale_reason(data, self.recipes.get(name), self.params_source)
+                if reason is not None:
+                    result.stale[seed] = reason
+                    continue
+            result.metrics[seed] = read_metrics(path, keys, data)
+            if check_recipe:
+                result.ran_on[seed] = _ran_on(data, path)
         return result
 
     def run(self, name: str) -> RunResult:
-        """The ImageNet-style metrics of one training run."""
+        """The ImageNet-style metrics of one training run, its stale seeds set apart."""
         key = ("train", name)
         if key not in self._cache:
-            self._cache[key] = self._collect(self.runs_dir / name, name, METRIC_KEYS)
+            self._cache[key] = self._collect(self.runs_dir / name, name, METRIC_KEYS, check_recipe=True)
         return self._cache[key]
 
     def transfer(self, task: str, backbone: str) -> RunResult:
@@ -150,7 +215,7 @@ class Results:
         key = (task, backbone)
         if key not in self._cache:
             folder = self.runs_dir / "transfer" / task / backbone
-            self._cache[key] = self._collect(folder, backbone, TRANSFER_KEYS[task])
+            self._cache[key] = self._collect(folder, backbone, TRANSFER_KEYS[task], check_recipe=False)
         return self._cache[key]
 
     def histories(self, name: str) -> dict[int, dict]:

@@ -1,5 +1,6 @@
-"""The report's tables: our numbers (mean ± std [95 % CI] over seeds) beside the paper's, deltas against
-each column's baseline row, sign agreement, single-trick and leave-one-out rankings, transfer.
+"""The report's tables: our numbers (mean ± std over seeds) beside the paper's, deltas against each
+column's baseline row from paired seeds (mean ± std [95 % t interval] of the per-seed differences),
+whether each delta resolves the paper's sign, single-trick and leave-one-out rankings, transfer.
 
 Every builder returns blocks and never fails on a run that has not finished: it says which are missing.
 """
@@ -7,10 +8,11 @@ from __future__ import annotations
 
 from pipeline_src.report.paper import PaperValue
 from pipeline_src.report.render import Block, Heading, Para, Table
-from pipeline_src.report.results import Results, RunResult, Summary
+from pipeline_src.report.results import PairedDelta, Results, RunResult, Summary, paired_delta
 
 DAGGER = "†"
-AGREE, DISAGREE = "✓", "✗"
+AGREE, DISAGREE, UNRESOLVED = "agree", "disagree", "unresolved"
+HELPS, HURTS = "helps", "hurts"
 NONE = "—"  # no value: the run is missing, or no run reproduces the row
 
 
@@ -19,15 +21,20 @@ def fmt(x: float, signed: bool = False) -> str:
 
 
 def fmt_summary(s: Summary | None) -> str:
-    """`mean`, `mean ± std` (2 seeds) or `mean ± std [lo, hi]` (3+ seeds, 95 % Student t)."""
+    """`mean` (one seed) or `mean ± std` (sample std over seeds)."""
     if s is None:
         return NONE
-    text = fmt(s.mean)
-    if s.std is not None:
-        text += f" ± {fmt(s.std)}"
-    if s.ci95 is not None:
-        text += f" [{fmt(s.ci95[0])}, {fmt(s.ci95[1])}]"
-    return text
+    return fmt(s.mean) + (f" ± {fmt(s.std)}" if s.std is not None else "")
+
+
+def fmt_delta(d: PairedDelta | None) -> str:
+    """`mean ± std [lo, hi]` of the paired differences; with one pair only the difference itself."""
+    if d is None:
+        return NONE
+    s = d.diffs
+    if s.ci95 is None:
+        return f"{fmt(s.mean, True)} (1 seed, no interval)"
+    return f"{fmt(s.mean, True)} ± {fmt(s.std)} [{fmt(s.ci95[0], True)}, {fmt(s.ci95[1], True)}]"
 
 
 def fmt_paper(v: PaperValue, digits: int = 2) -> str:
@@ -38,18 +45,22 @@ def label(row: dict) -> str:
     return row["label"] + (f" {DAGGER}" if row["unverified"] else "")
 
 
-def sign_marker(ours: float, paper: float) -> str:
-    """✓ when our delta points the same way as the paper's (both up, both down, or both zero), judged on
-    the deltas as printed (2 decimals), so a printed +0.00 never passes for an improvement."""
-    def sign(x: float) -> int:
-        x = round(x, 2)
-        return (x > 0) - (x < 0)
-    return AGREE if sign(ours) == sign(paper) else DISAGREE
+def resolved_sign(d: PairedDelta | None) -> int:
+    """+1 or -1 when the 95 % interval of the paired differences excludes 0, else 0 (unresolved)."""
+    ci = None if d is None else d.diffs.ci95
+    if ci is None or ci[0] <= 0 <= ci[1]:
+        return 0
+    return 1 if ci[0] > 0 else -1
 
 
-def _mean(result: RunResult, key: str) -> float | None:
-    s = result.summary(key)
-    return None if s is None else s.mean
+def sign_verdict(d: PairedDelta, paper: float) -> str:
+    """agree / disagree with the paper's delta (as printed, 2 decimals) when our interval excludes 0,
+    else unresolved; a resolved delta where the paper prints +0.00 disagrees."""
+    ours = resolved_sign(d)
+    if ours == 0:
+        return UNRESOLVED
+    theirs = round(paper, 2)
+    return AGREE if ours == (theirs > 0) - (theirs < 0) else DISAGREE
 
 
 def _seeds(result: RunResult | None, total: int) -> str:
@@ -60,59 +71,85 @@ def _run_cell(name: str | None) -> str:
     return NONE if name is None else f"`{name}`"
 
 
+def seed_list(seeds) -> str:
+    seeds = sorted(seeds)
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+
+
 def missing_note(names: list[str | None], results: Results, defined: set[str], what: str = "run") -> Para:
-    """Which of `names` have no finished seed (and why), and which lack some seeds."""
-    missing, partial, seen = [], [], set()
+    """Which of `names` have no finished seed (and why), which lack some seeds, which are stale."""
+    missing, partial, stale, seen = [], [], [], set()
     for name in names:
         if name is None or name in seen:
             continue
         seen.add(name)
         r = results.run(name) if what == "run" else results.transfer(what, name)
+        if r.stale:
+            stale.append(f"`{name}` ({seed_list(r.stale)})")
         if not r.finished:
             why = ("not a run of the params file yet" if what == "run" and name not in defined
-                   else "no finished seed")
+                   else "only stale seeds" if r.stale else "no finished seed")
             missing.append(f"`{name}` ({why})")
         elif r.missing_seeds:
-            partial.append(f"`{name}` (seed {', '.join(map(str, r.missing_seeds))} missing)")
-    if not missing and not partial:
+            partial.append(f"`{name}` ({seed_list(r.missing_seeds)} missing)")
+    if not missing and not partial and not stale:
         return Para(f"Every {'run' if what == 'run' else what + ' result'} of this table is finished for all seeds.")
     parts = []
     if missing:
         parts.append(f"Missing {'runs' if what == 'run' else what + ' results'}: " + ", ".join(missing) + ".")
     if partial:
-        parts.append("Incomplete: " + ", ".join(partial) + "; their numbers use the finished seeds only.")
+        parts.append("Incomplete: " + ", ".join(partial) + "; their numbers use the finished seeds only, and "
+                     "their deltas pair only the seeds both runs finished.")
+    if stale:
+        parts.append("Stale, left out of this table (see Stale results): " + ", ".join(stale) + ".")
     return Para(" ".join(parts))
 
 
+def sign_summary(where: str, verdicts: dict[str, list[str | None]]) -> Para:
+    """One line: per metric, how many deltas resolve (interval excludes 0) and how many of those agree."""
+    parts = []
+    for metric, vs in verdicts.items():
+        computed = [v for v in vs if v is not None]
+        resolved = [v for v in computed if v != UNRESOLVED]
+        text = (f"{metric}: {len(resolved)} of {len(computed)} deltas resolved, "
+                f"{sum(v == AGREE for v in resolved)} of them with the paper's sign")
+        if len(computed) < len(vs):
+            text += f" ({len(vs) - len(computed)} not computed: run missing)"
+        parts.append(text)
+    return Para(f"Summary, {where}: " + "; ".join(parts) + ".")
+
+
 def comparison_column(spec: dict, column: dict, results: Results, defined: set[str]) -> list[Block]:
-    """One column of Table 4, 5 or 6: each row against the column's first (baseline) row."""
+    """One column of Table 4, 5 or 6: each row against the column's first (baseline) row, seed by seed."""
     rows = column["rows"]
     base = rows[0]
     base_result = results.run(base["run"])
     total = len(results.seeds)
-    headers = ("row", "run", "seeds")
+    headers = ("row", "run", "seeds", "paired seeds")
     for name in ("top-1", "top-5"):
         headers += (f"{name} ours", f"{name} paper", f"Δ {name} ours", f"Δ {name} paper", "sign")
     table_rows = []
+    verdicts: dict[str, list[str | None]] = {"top-1": [], "top-5": []}
     for row in rows:
         result = results.run(row["run"])
-        cells = [label(row), _run_cell(row["run"]), _seeds(result, total)]
-        for m in ("top1", "top5"):
-            ours, paper = result.summary(m), row[m]
-            cells += [fmt_summary(ours), fmt_paper(paper)]
+        deltas = {m: None if row is base else paired_delta(result, base_result, m) for m in ("top1", "top5")}
+        pairs = next((len(d.seeds) for d in deltas.values() if d is not None), 0)
+        cells = [label(row), _run_cell(row["run"]), _seeds(result, total),
+                 "baseline" if row is base else str(pairs)]
+        for m, name in (("top1", "top-1"), ("top5", "top-5")):
+            cells += [fmt_summary(result.summary(m)), fmt_paper(row[m])]
             if row is base:
                 cells += ["baseline", "baseline", ""]
                 continue
-            paper_delta = paper.value - base[m].value
-            ours_mean, base_mean = _mean(result, m), _mean(base_result, m)
-            if ours_mean is None or base_mean is None:
-                cells += [NONE, fmt(paper_delta, True), NONE]
-            else:
-                ours_delta = ours_mean - base_mean
-                cells += [fmt(ours_delta, True), fmt(paper_delta, True), sign_marker(ours_delta, paper_delta)]
+            paper_delta = row[m].value - base[m].value
+            verdict = None if deltas[m] is None else sign_verdict(deltas[m], paper_delta)
+            verdicts[name].append(verdict)
+            cells += [fmt_delta(deltas[m]), fmt(paper_delta, True), verdict or NONE]
         table_rows.append(tuple(cells))
-    return [Heading(3, f"{spec['cite']}, {column['label']}: {spec['title']}"),
+    where = f"{spec['cite']}, {column['label']}"
+    return [Heading(3, f"{where}: {spec['title']}"),
             Table(headers, tuple(table_rows)),
+            sign_summary(where, verdicts),
             missing_note([r["run"] for r in rows], results, defined)]
 
 
@@ -144,7 +181,8 @@ def table3(spec: dict, results: Results, defined: set[str]) -> list[Block]:
             row = entry[setting]
             result = results.run(row["run"]) if row["run"] else None
             names.append(row["run"])
-            ips[setting] = _mean(result, "images_per_s") if result else None
+            speed = result.summary("images_per_s") if result else None
+            ips[setting] = None if speed is None else speed.mean
             paper_speed = f"{base['min_per_epoch'].value / row['min_per_epoch'].value:.2f}x"
             both = ips.get("baseline") is not None and ips[setting] is not None
             ours_speed = f"{ips[setting] / ips['baseline']:.2f}x" if both else NONE
@@ -170,7 +208,7 @@ def teacher_line(name: str, results: Results) -> Para:
 
 def ranking(kind: str, params: dict, results: Results, defined: set[str]) -> list[Block]:
     """Single-trick (`single-<t>` minus the base) or leave-one-out (the stack minus `loo-<t>`) effects,
-    ranked by the effect on top-1: in both, a positive effect means the trick helps."""
+    from paired seeds, ranked by the mean effect on top-1: in both, a positive effect means the trick helps."""
     study = params["study"][kind]
     if kind == "single_trick":
         ref, prefix = study["base"], "single-"
@@ -186,26 +224,25 @@ def ranking(kind: str, params: dict, results: Results, defined: set[str]) -> lis
     for order, trick in enumerate(study["tricks"]):
         run = prefix + trick
         result = results.run(run)
-        effects = {}
-        for m in ("top1", "top5"):
-            ours, base = _mean(result, m), _mean(ref_result, m)
-            if ours is not None and base is not None:
-                effects[m] = ours - base if kind == "single_trick" else base - ours
+        effects = {m: paired_delta(result, ref_result, m) if kind == "single_trick" else
+                   paired_delta(ref_result, result, m) for m in ("top1", "top5")}
         item = (trick, run, result, effects)
-        (scored if effects else unscored).append((order, item))
-    scored.sort(key=lambda oi: (-oi[1][3]["top1"], oi[0]))
+        (unscored if effects["top1"] is None else scored).append((order, item))
+    scored.sort(key=lambda oi: (-oi[1][3]["top1"].diffs.mean, oi[0]))
     rows = []
     for rank, (_, (trick, run, result, effects)) in enumerate(scored + unscored, start=1):
-        rows.append((str(rank) if effects else NONE, trick, _run_cell(run), _seeds(result, total),
-                     fmt_summary(result.summary("top1")),
-                     fmt(effects["top1"], True) if effects else NONE,
-                     fmt_summary(result.summary("top5")),
-                     fmt(effects["top5"], True) if effects else NONE))
-    headers = ("rank", "trick", "run", "seeds", "top-1 ours", "effect top-1", "top-5 ours", "effect top-5")
+        scored_row = effects["top1"] is not None
+        verdict = {1: HELPS, -1: HURTS, 0: UNRESOLVED}[resolved_sign(effects["top1"])] if scored_row else NONE
+        rows.append((str(rank) if scored_row else NONE, trick, _run_cell(run), _seeds(result, total),
+                     fmt_summary(result.summary("top1")), fmt_delta(effects["top1"]), verdict,
+                     fmt_summary(result.summary("top5")), fmt_delta(effects["top5"])))
+    headers = ("rank", "trick", "run", "seeds", "top-1 ours", "effect top-1", "top-1 verdict", "top-5 ours",
+               "effect top-5")
     return [Heading(3, title),
             Para(f"Reference `{ref}`: top-1 {fmt_summary(ref_result.summary('top1'))}, "
-                 f"top-5 {fmt_summary(ref_result.summary('top5'))}. Ranked by the effect on top-1 ({meaning}); "
-                 "runs without a number are listed last."),
+                 f"top-5 {fmt_summary(ref_result.summary('top5'))}. Ranked by the mean effect on top-1 "
+                 f"({meaning}, over paired seeds); the verdict says {HELPS} or {HURTS} only when the 95 % "
+                 f"interval excludes 0. Runs without a number are listed last."),
             Table(headers, tuple(rows)),
             missing_note([ref] + [prefix + t for t in study["tricks"]], results, defined)]
 

@@ -1,15 +1,17 @@
 """Score prediction files against a dataset split and print the metrics as JSON.
 
     python -m pipeline_src.transfer.evaluate detection --dataset VOCDEVKIT --year 2007 --split test \\
-        --predictions dets.json [--metric voc07|all_point] [--classes a,b,...] [--out FILE]
+        --predictions dets.json [--metric voc07|voc07_exact|all_point] [--ties stable|gluoncv] \\
+        [--boxes continuous|pixel-inclusive|voc-xml] [--classes a,b,...] [--out FILE]
     python -m pipeline_src.transfer.evaluate segmentation --dataset ADE_DIR --split validation \\
         --predictions PNG_DIR --num-classes N [--out FILE]
 
 Detections: a JSON list of {"image_id": VOC id, "class": name, "score": number,
-"box": [x1, y1, x2, y2]} in 0-based continuous pixel coordinates (see `voc.py`).
-Segmentation predictions: one `<image id>.png` per image of the split, single channel, in the raw ADE
-label space of the annotations (1..N is a class; 0 predicts no class and counts as wrong).
-Metrics are fractions in [0, 1]; the defaults (voc07, IoU 0.5) are the paper's standard metrics.
+"box": [x1, y1, x2, y2]} in the `--boxes` convention (`BOX_CONVENTIONS`; default ours, 0-based
+continuous, see `voc.py`). Segmentation predictions: one `<image id>.png` per image of the split,
+single channel, in the raw ADE label space of the annotations (1..N is a class; 0 predicts no class
+and counts as wrong). Metrics are fractions in [0, 1]; the defaults (voc07 at IoU >= 0.5, mIoU over
+all classes) are GluonCV's, the paper's; `metrics.py` describes every convention.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from pipeline_src.io import write_json
 from pipeline_src.transfer import ade20k, voc
 from pipeline_src.transfer.metrics import (
     AP_METRICS,
+    TIE_ORDERS,
     VOC_IOU_THRESHOLD,
     Detection,
     GroundTruth,
@@ -32,6 +35,13 @@ from pipeline_src.transfer.metrics import (
 )
 
 DETECTION_KEYS = {"image_id", "class", "score", "box"}
+# What each convention adds to x1, y1, x2, y2 to reach ours (0-based continuous: x1 = xmin - 1, y1 =
+# ymin - 1, x2 = xmax, y2 = ymax of the 1-based XML box, as torchvision's detectors predict).
+BOX_CONVENTIONS = {
+    "continuous": (0, 0, 0, 0),
+    "pixel-inclusive": (0, 0, 1, 1),  # 0-based pixel indices, x2 the last pixel: GluonCV, py-faster-rcnn
+    "voc-xml": (-1, -1, 0, 0),  # 1-based pixel indices: the XML, the devkit's (and py-faster-rcnn's) results files
+}
 
 
 class PredictionError(ValueError):
@@ -42,8 +52,12 @@ def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def load_detections(path: Path, classes: Sequence[str], image_ids: set[str]) -> list[Detection]:
-    """Read and check a detections JSON file against the class list and the split's image ids."""
+def load_detections(
+    path: Path, classes: Sequence[str], image_ids: set[str], boxes: str = "continuous"
+) -> list[Detection]:
+    """Read and check a detections JSON file against the class list and the split's image ids; boxes
+    in the `boxes` convention (a key of `BOX_CONVENTIONS`) come back in ours."""
+    shift = BOX_CONVENTIONS[boxes]
     try:
         entries = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -71,7 +85,8 @@ def load_detections(path: Path, classes: Sequence[str], image_ids: set[str]) -> 
             )
         if box[2] < box[0] or box[3] < box[1]:
             raise PredictionError(f"{where} has box {box} with x2 < x1 or y2 < y1")
-        detections.append(Detection(e["image_id"], index[e["class"]], float(score), tuple(map(float, box))))
+        ours = tuple(float(v) + d for v, d in zip(box, shift))
+        detections.append(Detection(e["image_id"], index[e["class"]], float(score), ours))
     return detections
 
 
@@ -80,8 +95,8 @@ def run_detection(args: argparse.Namespace) -> dict:
     devkit = voc.resolve_devkit(args.dataset)
     records = voc.read_split(devkit, args.year, args.split, classes)
     ground_truth = {r.image_id: GroundTruth(r.boxes, r.labels, r.difficult) for r in records}
-    detections = load_detections(args.predictions, classes, set(ground_truth))
-    result = evaluate_detections(detections, ground_truth, classes, args.metric, VOC_IOU_THRESHOLD)
+    detections = load_detections(args.predictions, classes, set(ground_truth), args.boxes)
+    result = evaluate_detections(detections, ground_truth, classes, args.metric, VOC_IOU_THRESHOLD, args.ties)
     return {
         "task": "detection",
         "dataset": str(devkit),
@@ -89,6 +104,7 @@ def run_detection(args: argparse.Namespace) -> dict:
         "split": args.split,
         "num_images": len(records),
         "num_detections": len(detections),
+        "boxes": args.boxes,
         **result,
     }
 
@@ -131,6 +147,7 @@ def run_segmentation(args: argparse.Namespace) -> dict:
         "num_classes": args.num_classes,
         "pixel_accuracy": scores["pixel_accuracy"],
         "miou": scores["miou"],
+        "miou_present": scores["miou_present"],
         "iou": {str(c + 1): v for c, v in enumerate(scores["iou"])},  # keyed by raw ADE label
         "labelled_pixels": scores["labelled_pixels"],
     }
@@ -147,7 +164,20 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--split", required=True, help="an ImageSets/Main split, e.g. test")
     det.add_argument("--predictions", required=True, type=Path, help="detections JSON file")
     det.add_argument(
-        "--metric", default="voc07", choices=AP_METRICS, help="voc07 (11-point, the paper's) or all_point"
+        "--metric", default="voc07", choices=AP_METRICS,
+        help="voc07: 11-point at GluonCV's np.arange(0., 1.1, 0.1) (the paper's); voc07_exact: at exactly "
+             "i/10; all_point: VOC2010+ (default: voc07)",
+    )
+    det.add_argument(
+        "--ties", default="stable", choices=TIE_ORDERS,
+        help="order of tied scores: stable (input order, the devkit's) or gluoncv (GluonCV's numpy "
+             "argsort order) (default: stable)",
+    )
+    det.add_argument(
+        "--boxes", default="continuous", choices=list(BOX_CONVENTIONS),
+        help="coordinates of the boxes: continuous (ours, torchvision's), pixel-inclusive (0-based pixel "
+             "indices, GluonCV's and py-faster-rcnn's boxes: +1 on x2, y2) or voc-xml (1-based as in the "
+             "annotations and devkit results files: -1 on x1, y1) (default: continuous)",
     )
     det.add_argument("--classes", help="comma-separated class names in label order (default: 20 VOC classes)")
     seg = tasks.add_parser("segmentation", help="ADE20K pixel accuracy and mIoU of a folder of PNGs")

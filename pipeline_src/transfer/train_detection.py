@@ -9,15 +9,13 @@ metrics.json}`, metrics in percent; a finished fine-tune is skipped. Logged to M
 """
 from __future__ import annotations
 
-import json
 import sys
-import time
+from pathlib import Path
 
 import torch
 
-from pipeline_src import checkpoint, params as P, synthetic, tracking
-from pipeline_src.io import write_json
-from pipeline_src.transfer import backbone as bb, detection, voc
+from pipeline_src import params as P, synthetic
+from pipeline_src.transfer import backbone as bb, detection, finetune, voc
 
 TASK = "detection"
 
@@ -34,18 +32,10 @@ def voc_data(params: dict) -> tuple[list[str], list[voc.VOCRecord], list[voc.VOC
     return classes, train, voc.test_07(devkit, classes)
 
 
-def run(params: dict, backbone: str, seed: int) -> dict:
-    """Fine-tune (or skip when finished) and return the metrics written to metrics.json."""
-    out = bb.result_dir(params, TASK, backbone, seed)
-    finished = bb.finished_metrics(out)
-    if finished is not None:
-        return finished
-    start = time.perf_counter()
-    cfg = params["transfer"]["detection"]
-    ckpt = bb.check_backbone_run(params, backbone, seed)
+def build(params: dict, backbone: str, seed: int, ckpt: Path, device: torch.device) -> finetune.FineTune:
+    """Faster-RCNN on the backbone, SGD with step decay per epoch, scored by VOC AP."""
+    cfg = params["transfer"][TASK]
     classes, train_records, test_records = voc_data(params)
-    bb.seed_all(seed)
-    device = bb.pick_device(params)
     trunk, meta = bb.load_backbone(ckpt, P.resolve_run(params, backbone)["model"])
     mean, std = bb.normalization(params, backbone)
     model = detection.build_faster_rcnn(trunk, len(classes), cfg, mean, std).to(device)
@@ -54,38 +44,31 @@ def run(params: dict, backbone: str, seed: int) -> dict:
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg["lr_milestones"], cfg["lr_decay"])
     loader = detection.train_loader(train_records, cfg["batch_size"], cfg["train_difficult"], seed)
 
-    tags = {"task": TASK, "backbone": backbone, "style": cfg["style"], "backbone_checkpoint": str(ckpt)}
-    with tracking.start_run(params, f"transfer-{TASK}/{backbone}", seed, tags) as tracker:
-        for epoch in range(cfg["epochs"]):
-            lr, epoch_start = optimizer.param_groups[0]["lr"], time.perf_counter()
-            stats = detection.train_one_epoch(model, loader, optimizer, device)
-            scheduler.step()
-            stats.update(lr=lr, epoch_time_s=time.perf_counter() - epoch_start)
-            tracker.log_metrics(stats, step=epoch)
-            print(json.dumps({"task": TASK, "backbone": backbone, "seed": seed, "epoch": epoch, **stats}), flush=True)
+    def train_epoch() -> dict[str, float]:
+        stats = detection.train_one_epoch(model, loader, optimizer, device)
+        scheduler.step()
+        return stats
+
+    def evaluate() -> dict:
         result = detection.evaluate(model, test_records, classes, cfg["metric"], cfg["batch_size"], device)
-        metrics = {
+        return {
             "map": 100 * result["map"],
             "ap": {name: None if ap is None else 100 * ap for name, ap in result["ap"].items()},
             "metric": cfg["metric"],
             "style": cfg["style"],
-            "backbone": backbone,
-            "backbone_top1": bb.backbone_top1(params, backbone, seed),
-            "train_loss": stats["loss"],
             "train_images": len(train_records),
             "test_images": len(test_records),
-            "wall_time_s": time.perf_counter() - start,
         }
-        checkpoint.save_final_model(out / checkpoint.FINAL_NAME, model.state_dict(), {
-            "run": f"transfer-{TASK}/{backbone}", "seed": seed, "task": TASK, "style": cfg["style"],
-            "backbone": backbone, "model": meta["model"], "num_classes": len(classes), "wnids": classes,
-        })
-        write_json(out / "metrics.json", metrics)
-        tracker.log_metrics({"map": metrics["map"], "wall_time_s": metrics["wall_time_s"]}, step=cfg["epochs"])
-        tracker.log_artifact(out / "metrics.json")
-    print(json.dumps({"task": TASK, "backbone": backbone, "seed": seed, "map": metrics["map"],
-                      "wall_time_s": metrics["wall_time_s"]}), flush=True)
-    return metrics
+
+    return finetune.FineTune(
+        model, optimizer, train_epoch, evaluate, headline=("map",), tags={"style": cfg["style"]},
+        meta={"style": cfg["style"], "model": meta["model"], "num_classes": len(classes), "wnids": classes},
+    )
+
+
+def run(params: dict, backbone: str, seed: int) -> dict:
+    """Fine-tune (or skip when finished) and return the metrics written to metrics.json."""
+    return finetune.run(params, TASK, backbone, seed, build)
 
 
 def main(argv: list[str] | None = None) -> int:

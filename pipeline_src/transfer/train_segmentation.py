@@ -4,20 +4,19 @@
 
 Trains on ADE20K training, tests on ADE20K validation (the embedded look-alike unless
 `data.ade20k_dir` is set) and writes `<paths.runs>/transfer/segmentation/<backbone>/seed<k>/
-{model.pt, metrics.json}`, pixel accuracy and mIoU in percent; a finished fine-tune is skipped.
+{model.pt, metrics.json}`, pixel accuracy and mIoU (over all classes; `miou_present` over those that
+appear, see `metrics.py`) in percent; a finished fine-tune is skipped.
 Logged to MLflow as the run `transfer-segmentation/<backbone>`.
 """
 from __future__ import annotations
 
-import json
 import sys
-import time
+from pathlib import Path
 
 import torch
 
-from pipeline_src import checkpoint, params as P, tracking
-from pipeline_src.io import write_json
-from pipeline_src.transfer import ade20k, backbone as bb, segmentation
+from pipeline_src import params as P
+from pipeline_src.transfer import ade20k, backbone as bb, finetune, segmentation
 
 TASK = "segmentation"
 
@@ -29,18 +28,10 @@ def ade_data(params: dict) -> tuple[int, list[ade20k.ADERecord], list[ade20k.ADE
     return num_classes, ade20k.read_split(root, "training"), ade20k.read_split(root, "validation")
 
 
-def run(params: dict, backbone: str, seed: int) -> dict:
-    """Fine-tune (or skip when finished) and return the metrics written to metrics.json."""
-    out = bb.result_dir(params, TASK, backbone, seed)
-    finished = bb.finished_metrics(out)
-    if finished is not None:
-        return finished
-    start = time.perf_counter()
-    cfg = params["transfer"]["segmentation"]
-    ckpt = bb.check_backbone_run(params, backbone, seed)
+def build(params: dict, backbone: str, seed: int, ckpt: Path, device: torch.device) -> finetune.FineTune:
+    """An FCN on the dilated backbone, SGD with the poly schedule per iteration, scored by mIoU."""
+    cfg = params["transfer"][TASK]
     num_classes, train_records, val_records = ade_data(params)
-    bb.seed_all(seed)
-    device = bb.pick_device(params)
     trunk, meta = bb.load_backbone(ckpt, P.resolve_run(params, backbone)["model"],
                                    replace_stride_with_dilation=bb.DILATION[cfg["output_stride"]])
     mean, std = bb.normalization(params, backbone)
@@ -51,39 +42,32 @@ def run(params: dict, backbone: str, seed: int) -> dict:
                                 weight_decay=cfg["weight_decay"])
     scheduler = segmentation.poly_scheduler(optimizer, cfg["epochs"] * len(loader), cfg["poly_power"])
 
-    tags = {"task": TASK, "backbone": backbone, "backbone_checkpoint": str(ckpt)}
-    with tracking.start_run(params, f"transfer-{TASK}/{backbone}", seed, tags) as tracker:
-        for epoch in range(cfg["epochs"]):
-            lr, epoch_start = optimizer.param_groups[0]["lr"], time.perf_counter()
-            stats = segmentation.train_one_epoch(model, loader, optimizer, scheduler, cfg["aux_weight"], device)
-            stats.update(lr=lr, epoch_time_s=time.perf_counter() - epoch_start)
-            tracker.log_metrics(stats, step=epoch)
-            print(json.dumps({"task": TASK, "backbone": backbone, "seed": seed, "epoch": epoch, **stats}), flush=True)
+    def train_epoch() -> dict[str, float]:
+        return segmentation.train_one_epoch(model, loader, optimizer, scheduler, cfg["aux_weight"], device)
+
+    def evaluate() -> dict:
         result = segmentation.evaluate(model, val_records, num_classes, cfg["base_size"], mean, std, device)
-        metrics = {
+        return {
             "pixel_accuracy": 100 * result["pixel_accuracy"],
             "miou": 100 * result["miou"],
+            "miou_present": 100 * result["miou_present"],
             "iou": [None if v is None else 100 * v for v in result["iou"]],
             "num_classes": num_classes,
             "output_stride": cfg["output_stride"],
-            "backbone": backbone,
-            "backbone_top1": bb.backbone_top1(params, backbone, seed),
-            "train_loss": stats["loss"],
             "train_images": len(train_records),
             "val_images": len(val_records),
-            "wall_time_s": time.perf_counter() - start,
         }
-        checkpoint.save_final_model(out / checkpoint.FINAL_NAME, model.state_dict(), {
-            "run": f"transfer-{TASK}/{backbone}", "seed": seed, "task": TASK, "backbone": backbone,
-            "output_stride": cfg["output_stride"], "model": meta["model"], "num_classes": num_classes,
-            "wnids": [str(c + 1) for c in range(num_classes)],  # the raw ADE label of each channel
-        })
-        write_json(out / "metrics.json", metrics)
-        tracker.log_metrics({k: metrics[k] for k in ("pixel_accuracy", "miou", "wall_time_s")}, step=cfg["epochs"])
-        tracker.log_artifact(out / "metrics.json")
-    print(json.dumps({"task": TASK, "backbone": backbone, "seed": seed, "pixel_accuracy": metrics["pixel_accuracy"],
-                      "miou": metrics["miou"], "wall_time_s": metrics["wall_time_s"]}), flush=True)
-    return metrics
+
+    return finetune.FineTune(
+        model, optimizer, train_epoch, evaluate, headline=("pixel_accuracy", "miou"), tags={},
+        meta={"output_stride": cfg["output_stride"], "model": meta["model"], "num_classes": num_classes,
+              "wnids": [str(c + 1) for c in range(num_classes)]},  # the raw ADE label of each channel
+    )
+
+
+def run(params: dict, backbone: str, seed: int) -> dict:
+    """Fine-tune (or skip when finished) and return the metrics written to metrics.json."""
+    return finetune.run(params, TASK, backbone, seed, build)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,25 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+PRECISION_FLAGS = ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def hardware(device: torch.device) -> dict:
+    """The machine a run's precision and speed depend on, recorded in its metrics.json for the report:
+    the CPU model, which of PRECISION_FLAGS it has, and the GPU's name when the run used one."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    fields: dict[str, str] = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    return {"cpu": fields.get("model name", ""), "cpu_flags": [f for f in PRECISION_FLAGS if f in flags],
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
 def effective_precision(device: torch.device, precision: str, cpu_amp: str) -> str:
     """The precision a run really uses: `train.cpu_amp: native_only` keeps CPUs without bf16 at fp32."""
     if precision == "amp" and device.type == "cpu" and cpu_amp == "native_only" and not cpu_has_native_bf16():
