@@ -190,6 +190,7 @@ SCHEMA: dict[str, Any] = {
     },
     "teacher": {
         "run": _str(),
+        "seed": _int(0),
         "checkpoint": _str(nullable=True),
     },
     "sanity": {
@@ -257,6 +258,7 @@ SCHEMA: dict[str, Any] = {
     "runs": MapOf(RUN_SCHEMA),
     "study": {
         "seeds": _list(_int(0)),
+        "transfer_seeds": _list(_int(0)),
         "tables": _list(_str()),
         "distilled": _list(_str()),
         "single_trick": {"base": _str(), "tricks": _list(_str())},
@@ -398,6 +400,12 @@ def _check_references(params: dict, src: str) -> None:
                 *study["tables"], *study["distilled"], *params["transfer"]["backbones"]):
         if ref not in runs:
             raise ParamsError(f"{src}: run '{ref}' named in study/teacher/transfer is not in 'runs'")
+    if not study["seeds"]:
+        raise ParamsError(f"{src}: key 'study.seeds' is empty; list at least one seed (3 or more resolve deltas)")
+    outside = [k for k in study["transfer_seeds"] if k not in study["seeds"]]
+    if outside:
+        raise ParamsError(f"{src}: key 'study.transfer_seeds' has seed(s) {outside} that are not in 'study.seeds' "
+                          f"{study['seeds']}; a fine-tune needs its backbone trained with the same seed")
     for name in runs:
         _lineage(runs, name, src)
     for key in ("tables", "distilled"):

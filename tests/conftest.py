@@ -20,6 +20,7 @@ MICRO = {
     "tricks": {"large_batch": {"train.batch_size": 32, "train.linear_scaling": True},
                "warmup": {"train.warmup_epochs": 1}, "mixup": {"train.mixup_alpha": 0.2, "train.epochs": 3}},
     "sanity": {"overfit_steps": 60, "lr_range_steps": 12},
+    "study": {"seeds": [0], "transfer_seeds": [0]},
 }
 
 

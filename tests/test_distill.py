@@ -183,11 +183,11 @@ def test_teacher_checkpoint_imports_after_a_crashed_teacher_training(micro, tmp_
     assert run.info.status == "FINISHED" and run.info.run_id != crashed.run_id
 
 
-@pytest.mark.parametrize("key", ["depth", "width", "variant"])
+@pytest.mark.parametrize("key", ["depth", "width", "variant", "stem_stride"])
 def test_teacher_checkpoint_of_another_architecture_is_refused(micro, tmp_path, key):
     params = P.load(micro, [f"paths.runs={tmp_path / 'runs'}"])
     cfg, wnids = _teacher_cfg(params), _wnids(params)
-    options = {"depth": [26, 50], "width": [0.125, 0.25], "variant": ["A", "D"]}[key]
+    options = {"depth": [26, 50], "width": [0.125, 0.25], "variant": ["A", "D"], "stem_stride": [4, 2]}[key]
     value = next(v for v in options if v != cfg["model"][key])
     other = {**cfg["model"], key: value}
     source = _save(tmp_path / "other.pt", build_model(other, len(wnids)), other, wnids)

@@ -214,3 +214,19 @@ def test_build_mobilenet_v2_with_width_and_zero_gamma():
     assert residual and all(torch.all(blk.conv[-1].weight == 0) for blk in residual)
     model.train()
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 9)
+
+
+@pytest.mark.parametrize("variant", "AD")
+@pytest.mark.parametrize("stem_stride, layer4_side", [(4, 1), (2, 2), (1, 4)])
+@torch.no_grad()
+def test_stem_stride_sets_the_feature_map_sizes_and_keeps_the_weights(variant, stem_stride, layer4_side):
+    model = ResNet(26, variant, 0.0625, 5, "xavier", stem_stride=stem_stride).eval()
+    assert model.forward_features(torch.randn(1, 3, 32, 32)).shape[-1] == layer4_side
+    assert hasattr(model.stem, "pool") == (stem_stride == 4)
+    paper = ResNet(26, variant, 0.0625, 5, "xavier")
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in paper.state_dict().items()}
+
+
+def test_stem_stride_outside_the_choices_is_refused():
+    with pytest.raises(ValueError, match="stem_stride 3"):
+        ResNet(26, "A", 0.0625, 5, "xavier", stem_stride=3)

@@ -148,3 +148,17 @@ def test_sanity_lr_range_saves_a_plot_and_suggests_an_lr(micro, capsys):
     low, high = params["sanity"]["lr_range"]
     assert low <= report["suggested_lr"] <= high
     assert Path(report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sanity_geometry_shows_how_little_of_a_small_input_zero_gamma_resnet_a_sees(micro, capsys):
+    """At 32 px the paper's stem leaves layer4 at 1x1, and zero gamma leaves only the strided shortcuts."""
+    from pipeline_src.sanity import geometry
+
+    reach = {}
+    for variant, stride in (("A", 4), ("A", 1), ("D", 4)):
+        cfg = P.resolve_run(P.load(micro, ["loader.res=32", "model.zero_gamma=true", f"model.variant={variant}",
+                                           f"model.stem_stride={stride}"]), "baseline")
+        result = geometry(cfg, seed=0)
+        reach[variant, stride] = result["input_reach"]
+        assert result["stage_sides"]["layer4"] == {4: 1, 1: 4}[stride]
+    assert reach["A", 4] < 0.1 < reach["A", 1] < 1.0 == reach["D", 4]

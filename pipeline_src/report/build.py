@@ -301,7 +301,10 @@ def build(params: dict) -> dict[str, Path]:
     paper = load_paper_numbers()
     resolved = {n: P.resolve_run(params, n) for n in P.all_run_names(params)}
     recipes = {n: P.recipe_hash(cfg) for n, cfg in resolved.items()}
-    results = Results(params["paths"]["runs"], params["study"]["seeds"], recipes, params["_source"])
+    study = params["study"]
+    results = Results(params["paths"]["runs"], study["seeds"], recipes, params["_source"],
+                      transfer_seeds=study["transfer_seeds"],
+                      seeds_of={params["teacher"]["run"]: [params["teacher"]["seed"]]})
     out_dir = Path(params["paths"]["reports"])
     defined = set(resolved)
     names = list(resolved) + [n for n in runs_named(paper) if n not in defined]

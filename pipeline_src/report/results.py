@@ -174,18 +174,24 @@ class Results:
     """Reads `<runs>/<run>/seed<k>/` and `<runs>/transfer/<task>/<run>/seed<k>/` for the study's seeds.
 
     `recipes` maps each run of the params file to `params.recipe_hash` of its resolved params; a
-    training run's seed whose metrics.json records another recipe (or none) is stale."""
+    training run's seed whose metrics.json records another recipe (or none) is stale. Transfer
+    fine-tunes are read for `transfer_seeds` (`study.transfer_seeds`), and a run named in
+    `seeds_of` (the teacher, trained once) for its own seeds."""
 
-    def __init__(self, runs_dir: str | Path, seeds: list[int], recipes: dict[str, str], params_source: str):
+    def __init__(self, runs_dir: str | Path, seeds: list[int], recipes: dict[str, str], params_source: str,
+                 transfer_seeds: list[int] | None = None, seeds_of: dict[str, list[int]] | None = None):
         self.runs_dir = Path(runs_dir)
         self.seeds = list(seeds)
+        self.transfer_seeds = list(self.seeds if transfer_seeds is None else transfer_seeds)
+        self.seeds_of = dict(seeds_of or {})
         self.recipes = dict(recipes)
         self.params_source = params_source
         self._cache: dict[tuple[str, str], RunResult] = {}
 
-    def _collect(self, folder: Path, name: str, keys: tuple[str, ...], check_recipe: bool) -> RunResult:
+    def _collect(self, folder: Path, name: str, keys: tuple[str, ...], check_recipe: bool,
+                 seeds: list[int]) -> RunResult:
         result = RunResult(name)
-        for seed in self.seeds:
+        for seed in seeds:
             path = folder / f"seed{seed}" / "metrics.json"
             if not path.is_file():
                 result.missing_seeds.append(seed)
@@ -205,7 +211,8 @@ class Results:
         """The ImageNet-style metrics of one training run, its stale seeds set apart."""
         key = ("train", name)
         if key not in self._cache:
-            self._cache[key] = self._collect(self.runs_dir / name, name, METRIC_KEYS, check_recipe=True)
+            self._cache[key] = self._collect(self.runs_dir / name, name, METRIC_KEYS, check_recipe=True,
+                                             seeds=self.seeds_of.get(name, self.seeds))
         return self._cache[key]
 
     def transfer(self, task: str, backbone: str) -> RunResult:
@@ -215,7 +222,8 @@ class Results:
         key = (task, backbone)
         if key not in self._cache:
             folder = self.runs_dir / "transfer" / task / backbone
-            self._cache[key] = self._collect(folder, backbone, TRANSFER_KEYS[task], check_recipe=False)
+            self._cache[key] = self._collect(folder, backbone, TRANSFER_KEYS[task], check_recipe=False,
+                                             seeds=self.transfer_seeds)
         return self._cache[key]
 
     def histories(self, name: str) -> dict[int, dict]:

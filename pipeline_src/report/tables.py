@@ -202,7 +202,9 @@ def teacher_line(name: str, results: Results) -> Para:
     r = results.run(name)
     if not r.finished:
         return Para(f"Distillation teacher `{name}`: missing (no finished seed).")
-    return Para(f"Distillation teacher `{name}` ({len(r.metrics)}/{len(results.seeds)} seeds): "
+    seeds = results.seeds_of.get(name, results.seeds)
+    return Para(f"Distillation teacher `{name}` ({len(r.metrics)}/{len(seeds)} seeds, every student seed "
+                f"distils from it): "
                 f"top-1 {fmt_summary(r.summary('top1'))}, top-5 {fmt_summary(r.summary('top5'))}.")
 
 
