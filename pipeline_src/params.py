@@ -15,10 +15,12 @@ from typing import Any, Callable
 
 import yaml
 
+from pipeline_src.errors import InputError
+
 DEFAULT_PARAMS = "params.yaml"
 
 
-class ParamsError(ValueError):
+class ParamsError(InputError, ValueError):
     """A params file or override that does not validate; the message says where and what to do."""
 
 

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline_src import params as P
+from pipeline_src.errors import InputError, run_main
 from pipeline_src.ffcv_import import import_ffcv
 from pipeline_src.io import atomic_path, write_json
 
@@ -46,7 +47,7 @@ MANIFEST = "manifest.json"
 DECODE_BLOCK = 256  # images decoded ahead of the writer; bounds memory, does not change the output
 
 
-class PrepareError(RuntimeError):
+class PrepareError(InputError, RuntimeError):
     """Bad input for the prepare stage; the message names the path and what to do."""
 
 
@@ -498,12 +499,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="ILSVRC2012 folders -> FFCV betons + manifest")
     P.add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         prepare(P.from_args(args))
-    except (PrepareError, P.ParamsError) as exc:
-        print(f"prepare: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_main("prepare", body)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
+from pipeline_src.errors import InputError
 from pipeline_src.params import flatten
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ TRUNCATED = "...[truncated]"
 FINISHED, FAILED, RUNNING = "FINISHED", "FAILED", "RUNNING"
 
 
-class TrackingError(RuntimeError):
+class TrackingError(InputError, RuntimeError):
     """The tracking store cannot be used; the message names the URI and what to do."""
 
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline_src import checkpoint, distributed, params as P, tracking
+from pipeline_src.errors import DIVERGED, InputError, run_main
 from pipeline_src.io import write_json
 from pipeline_src.loader import make_train_loader, make_val_loader
 from pipeline_src.models import build_model
@@ -37,8 +38,14 @@ from pipeline_src.tricks.mixup import mixup
 from pipeline_src.tricks.no_bias_decay import param_groups
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(InputError, RuntimeError):
     """Training diverged; the last good checkpoint is kept for inspection or a restart."""
+
+    exit_status = DIVERGED
+
+
+class TrainInputError(InputError):
+    """Something train needs is missing or does not fit (betons, teacher, device); says what to run."""
 
 
 def run_dir(params: dict, run: str, seed: int) -> Path:
@@ -64,7 +71,7 @@ def is_finished(out: Path, recipe: str | None = None) -> bool:
 
 def pick_device(choice: str, local_rank: int) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("loader.device is 'cuda' but no CUDA device is visible; set loader.device=cpu or auto")
+        raise TrainInputError("loader.device is 'cuda' but no CUDA device is visible; set loader.device=cpu or auto")
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
@@ -74,7 +81,7 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
 def read_classes(params: dict) -> list[str]:
     path = betons_dir(params) / "classes.json"
     if not path.is_file():
-        raise SystemExit(f"{path} not found: run the prepare stage first (python -m pipeline_src.prepare)")
+        raise TrainInputError(f"{path} not found: run the prepare stage first (python -m pipeline_src.prepare)")
     data = json.loads(path.read_text())
     return data["wnids"] if isinstance(data, dict) else data
 
@@ -83,10 +90,10 @@ def load_teacher(params: dict, seed: int, wnids: list[str], device: torch.device
     """The frozen teacher that the teacher stage left (trained or imported and already checked)."""
     path = run_dir(params, params["teacher"]["run"], seed) / "model.pt"
     if not path.is_file():
-        raise SystemExit(f"{path} not found: run the teacher stage first (python -m pipeline_src.teacher)")
+        raise TrainInputError(f"{path} not found: run the teacher stage first (python -m pipeline_src.teacher)")
     state, meta = checkpoint.load_model_weights(path)
     if meta["wnids"] != wnids:
-        raise SystemExit(f"{path}: the teacher was trained on other classes than the betons' classes.json; "
+        raise TrainInputError(f"{path}: the teacher was trained on other classes than the betons' classes.json; "
                          "re-run the teacher stage on the current data")
     teacher = build_model({**meta["model"], "zero_gamma": False}, len(wnids))
     teacher.load_state_dict(state)
@@ -181,7 +188,7 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
     ddp = distributed.setup(cfg["loader"]["device"] != "cpu" and torch.cuda.is_available())
     device = pick_device(cfg["loader"]["device"], ddp.local_rank)
     if train_cfg["batch_size"] % ddp.world:
-        raise SystemExit(f"train.batch_size {train_cfg['batch_size']} is not divisible by {ddp.world} processes")
+        raise TrainInputError(f"train.batch_size {train_cfg['batch_size']} is not divisible by {ddp.world} processes")
     torch.manual_seed(seed)
     wnids = read_classes(cfg)
     num_classes = len(wnids)
@@ -306,21 +313,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> None:
         params = P.from_args(args)
         cfg = P.resolve_run(params, args.run)
-    except P.ParamsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    seed = params["study"]["seeds"][0] if args.seed is None else args.seed
-    try:
-        train(cfg, args.run, seed)
-    except NonFiniteLoss as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
-    finally:
-        distributed.teardown()
-    return 0
+        try:
+            train(cfg, args.run, params["study"]["seeds"][0] if args.seed is None else args.seed)
+        finally:
+            distributed.teardown()
+
+    return run_main("train", body)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +20,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from pipeline_src import checkpoint
+from pipeline_src.errors import DIVERGED, InputError, run_main
 from pipeline_src import params as P
 from pipeline_src.models.resnet import ResNet
 
@@ -30,8 +30,14 @@ ARCH_KEYS = ("arch", "depth", "variant", "width")
 DILATION = {8: (False, True, True), 16: (False, False, True), 32: (False, False, False)}
 
 
-class TransferError(ValueError):
+class TransferError(InputError, ValueError):
     """A backbone, dataset or device a transfer stage cannot use; the message names it and what to do."""
+
+
+class Diverged(InputError):
+    """A fine-tune whose loss became non-finite."""
+
+    exit_status = DIVERGED
 
 
 def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,23 +47,20 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     P.add_arguments(parser)
 
 
-def stage_main(argv: list[str] | None, description: str, run: Callable[[dict, str, int], dict],
-               input_errors: tuple[type[Exception], ...]) -> int:
+def stage_main(argv: list[str] | None, stage: str, description: str, run: Callable[[dict, str, int], dict]) -> int:
     """The CLI of a transfer stage: exit 2 on bad input (the message names the file or key), 3 on divergence."""
     parser = argparse.ArgumentParser(description=description)
     add_stage_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        params = P.from_args(args)
-        run(params, args.backbone, params["study"]["seeds"][0] if args.seed is None else args.seed)
-    except (P.ParamsError, TransferError, checkpoint.CheckpointError, *input_errors) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except FloatingPointError as exc:  # a diverged fine-tune; its MLflow run is marked FAILED
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
-    return 0
 
+    def body() -> None:
+        params = P.from_args(args)
+        try:
+            run(params, args.backbone, params["study"]["seeds"][0] if args.seed is None else args.seed)
+        except FloatingPointError as exc:  # a diverged fine-tune; its MLflow run is marked FAILED
+            raise Diverged(str(exc)) from exc
+
+    return run_main(stage, body)
 
 def seed_all(seed: int) -> None:
     """Seed every global RNG a fine-tune draws from (head initialisation, RPN and RoI sampling)."""
