@@ -18,7 +18,7 @@ MICRO = {
     "train": {"epochs": 2, "batch_size": 16, "base_batch": 16, "step_milestones": [1], "cpu_amp": "bf16",
               "eval_every": 1},
     "tricks": {"large_batch": {"train.batch_size": 32, "train.linear_scaling": True},
-               "warmup": {"train.warmup_epochs": 1}, "mixup": {"train.mixup_alpha": 0.2, "train.epochs": 3}},
+               "warmup": {"train.warmup_epochs": 0.5}, "mixup": {"train.mixup_alpha": 0.2, "train.epochs": 3}},
     "sanity": {"overfit_steps": 60, "lr_range_steps": 12},
 }
 

@@ -102,7 +102,8 @@ def test_ddp_two_gloo_processes_match_one_process_on_the_same_global_batch(micro
     # Two steps at a small LR: the micro model is chaotic enough that larger steps amplify fp32
     # rounding (a 1e-6 nudge of the init moves the weights by 3e-4 after one step at LR 1e-3), and
     # NCHW because oneDNN's channels_last kernels round differently at different batch sizes.
-    same = ["--run", "baseline", "--set", "train.epochs=1", "--set", "train.batch_size=48",
+    same = ["--run", "baseline", "--set", "train.epochs=1", "--set", "train.step_milestones=[]",
+            "--set", "train.batch_size=48",
             "--set", "train.base_lr=0.0001", "--set", "train.sync_bn=true",
             "--set", "loader.order=sequential", "--set", "augment.crop_area=[1.0, 1.0]",
             "--set", "augment.crop_ratio=[1.0, 1.0]", "--set", "augment.flip=false",
