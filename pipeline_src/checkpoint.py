@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pipeline_src.errors import InputError
-from pipeline_src.io import MB, atomic_path, check_free_space, free_bytes, no_space
+from pipeline_src.io import MB, atomic_path, check_free_space, free_bytes, no_space, read_json, sha256
 
 LAST_NAME = "last.pt"
 FINAL_NAME = "model.pt"
@@ -185,6 +185,22 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
         hint = " (a final model file: read it with load_model_weights)" if "meta" in state else ""
         raise CheckpointError(f"{path}: not a training checkpoint, it lacks key(s) {missing}{hint}")
     return state
+
+
+def finished_metrics(out: Path, recipe: str | None = None) -> dict | None:
+    """The metrics.json of a finished run folder, or None: it must be written for `recipe` (when
+    given) and record the sha256 of the model.pt beside it, so a truncated or replaced model.pt
+    is trained again instead of being skipped forever."""
+    metrics_path, model = Path(out) / "metrics.json", Path(out) / FINAL_NAME
+    if not (metrics_path.is_file() and model.is_file()):
+        return None
+    metrics = read_json(metrics_path)
+    if recipe is not None and metrics.get("recipe") != recipe:
+        return None
+    if metrics.get("model_sha256") != sha256(model):
+        print(f"{model}: does not match the sha256 in {metrics_path} (truncated or replaced); running again")
+        return None
+    return metrics
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -12,6 +12,7 @@ Outputs: data/runs/<run>/seed<k>/{last.pt, model.pt, history.json, metrics.json}
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -26,8 +27,9 @@ from torch import nn
 
 from pipeline_src import checkpoint, distributed, params as P, tracking
 from pipeline_src.errors import DIVERGED, InputError, run_main
-from pipeline_src.io import write_json
+from pipeline_src.io import read_json, sha256, write_json
 from pipeline_src.loader import make_train_loader, make_val_loader
+from pipeline_src.locks import dir_lock
 from pipeline_src.models import build_model
 from pipeline_src.tricks.distillation import distillation_loss
 from pipeline_src.tricks.label_smoothing import smooth_targets, soft_target_cross_entropy
@@ -62,11 +64,8 @@ def recipe_hash(cfg: dict) -> str:
 
 
 def is_finished(out: Path, recipe: str | None = None) -> bool:
-    """Done means metrics.json and model.pt exist, written for this very recipe."""
-    metrics = out / "metrics.json"
-    if not (metrics.is_file() and (out / "model.pt").is_file()):
-        return False
-    return recipe is None or json.loads(metrics.read_text()).get("recipe") == recipe
+    """Done means metrics.json written for this very recipe, next to the model.pt whose sha256 it records."""
+    return checkpoint.finished_metrics(out, recipe) is not None
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:
@@ -82,7 +81,7 @@ def read_classes(params: dict) -> list[str]:
     path = betons_dir(params) / "classes.json"
     if not path.is_file():
         raise TrainInputError(f"{path} not found: run the prepare stage first (python -m pipeline_src.prepare)")
-    data = json.loads(path.read_text())
+    data = read_json(path)
     return data["wnids"] if isinstance(data, dict) else data
 
 
@@ -177,14 +176,39 @@ def evaluate(model, loader, cfg: dict, device, precision: str, num_classes: int,
     return out
 
 
+def check_batch_size(cfg: dict, betons: Path) -> None:
+    """A batch above the split's image count gives no batch at all (drop_last) or a loader error."""
+    manifest = betons / "manifest.json"
+    if not manifest.is_file():
+        return  # make_train_loader names the missing beton
+    images = read_json(manifest)["splits"]["train"]["images"]
+    batch = cfg["train"]["batch_size"]
+    if batch > images:
+        raise TrainInputError(
+            f"run '{cfg['run']['name']}': key 'train.batch_size' ({batch}) is above the {images} images of "
+            f"{betons / 'train.beton'}; lower train.batch_size (in the run's tricks or with --set)"
+        )
+
+
 def train(cfg: dict, run: str, seed: int) -> dict | None:
-    """Train (or resume, or skip) one run; returns its final metrics on rank 0."""
+    """Train (or resume, or skip) one run; returns its final metrics on rank 0.
+
+    Rank 0 holds the run folder's lock throughout, so a second job of the same run and seed stops
+    at once ("in use by pid N") instead of overwriting this one's checkpoint.
+    """
     out = run_dir(cfg, run, seed)
+    with dir_lock(out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        return _train(cfg, run, seed, out)
+
+
+def _train(cfg: dict, run: str, seed: int, out: Path) -> dict | None:
     recipe = recipe_hash(cfg)
-    if is_finished(out, recipe):
+    finished = checkpoint.finished_metrics(out, recipe)
+    if finished is not None:
         print(f"{out}: already finished with these params, skipping (delete it to re-train)")
-        return json.loads((out / "metrics.json").read_text())
+        return finished
     train_cfg = cfg["train"]
+    check_batch_size(cfg, betons_dir(cfg))
     ddp = distributed.setup(cfg["loader"]["device"] != "cpu" and torch.cuda.is_available())
     device = pick_device(cfg["loader"]["device"], ddp.local_rank)
     if train_cfg["batch_size"] % ddp.world:
@@ -247,6 +271,7 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
             **beton_tags(betons)}
     tracker = tracking.start_run(cfg, run, seed, tags, enabled=ddp.main, resume=state is not None)
     with tracker:
+        tracker.log_history(history)  # epochs an outage or a kill kept out of the store
         for epoch in range(start_epoch, train_cfg["epochs"]):
             train_loader.set_epoch(epoch)
             lr_now = optimizer.param_groups[0]["lr"]
@@ -260,7 +285,6 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
                          epoch_time_s=time.perf_counter() - epoch_start)
             history.append(stats)
             lr_curve += lr_points
-            tracker.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch)
             if ddp.main:
                 print(json.dumps({"run": run, "seed": seed, **stats}), flush=True)
                 checkpoint.save_checkpoint(ckpt, {
@@ -270,6 +294,8 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
                     "epoch": epoch, "history": json.dumps(history), "lr_curve": json.dumps(lr_curve),
                     "recipe": recipe,
                 })
+            # After the checkpoint: a tracking outage costs no training (it retries, then warns).
+            tracker.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch)
         final = evaluate(model, val_loader, cfg, device, precision, num_classes, keep_gaps=True)
         if not ddp.main:
             return None
@@ -283,12 +309,14 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
         checkpoint.save_final_model(out / "model.pt", model.state_dict(), {
             "run": run, "seed": seed, "model": cfg["model"], "num_classes": num_classes, "wnids": wnids,
         })
+        metrics["model_sha256"] = sha256(out / "model.pt")
         write_json(out / "history.json", {"run": run, "seed": seed, "tricks": cfg["run"]["tricks"],
                                           "epochs": history, "lr_curve": lr_curve,
                                           "logit_gaps": final["logit_gaps"],
                                           "label_smoothing": train_cfg["label_smoothing"]})
         write_json(out / "metrics.json", metrics)
-        tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if k not in ("recipe", "precision")},
+        tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()
+                             if k not in ("recipe", "precision", "model_sha256")},
                             step=train_cfg["epochs"])
         tracker.log_artifact(out / "history.json")
     ckpt.unlink(missing_ok=True)  # model.pt holds the weights now; the resume state is spent

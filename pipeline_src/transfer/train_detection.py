@@ -37,7 +37,7 @@ def voc_data(params: dict) -> tuple[list[str], list[voc.VOCRecord], list[voc.VOC
 def run(params: dict, backbone: str, seed: int) -> dict:
     """Fine-tune (or skip when finished) and return the metrics written to metrics.json."""
     out = bb.result_dir(params, TASK, backbone, seed)
-    finished = bb.finished_metrics(out)
+    finished = bb.finished_metrics(params, TASK, backbone, seed)
     if finished is not None:
         return finished
     start = time.perf_counter()
@@ -80,7 +80,7 @@ def run(params: dict, backbone: str, seed: int) -> dict:
             "run": f"transfer-{TASK}/{backbone}", "seed": seed, "task": TASK, "style": cfg["style"],
             "backbone": backbone, "model": meta["model"], "num_classes": len(classes), "wnids": classes,
         })
-        write_json(out / "metrics.json", metrics)
+        write_json(out / "metrics.json", bb.stamped(params, TASK, backbone, seed, metrics))
         tracker.log_metrics({"map": metrics["map"], "wall_time_s": metrics["wall_time_s"]}, step=cfg["epochs"])
         tracker.log_artifact(out / "metrics.json")
     print(json.dumps({"task": TASK, "backbone": backbone, "seed": seed, "map": metrics["map"],

@@ -32,7 +32,7 @@ def ade_data(params: dict) -> tuple[int, list[ade20k.ADERecord], list[ade20k.ADE
 def run(params: dict, backbone: str, seed: int) -> dict:
     """Fine-tune (or skip when finished) and return the metrics written to metrics.json."""
     out = bb.result_dir(params, TASK, backbone, seed)
-    finished = bb.finished_metrics(out)
+    finished = bb.finished_metrics(params, TASK, backbone, seed)
     if finished is not None:
         return finished
     start = time.perf_counter()
@@ -78,7 +78,7 @@ def run(params: dict, backbone: str, seed: int) -> dict:
             "output_stride": cfg["output_stride"], "model": meta["model"], "num_classes": num_classes,
             "wnids": [str(c + 1) for c in range(num_classes)],  # the raw ADE label of each channel
         })
-        write_json(out / "metrics.json", metrics)
+        write_json(out / "metrics.json", bb.stamped(params, TASK, backbone, seed, metrics))
         tracker.log_metrics({k: metrics[k] for k in ("pixel_accuracy", "miou", "wall_time_s")}, step=cfg["epochs"])
         tracker.log_artifact(out / "metrics.json")
     print(json.dumps({"task": TASK, "backbone": backbone, "seed": seed, "pixel_accuracy": metrics["pixel_accuracy"],
