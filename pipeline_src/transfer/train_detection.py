@@ -80,7 +80,8 @@ def run(params: dict, backbone: str, seed: int) -> dict:
             "run": f"transfer-{TASK}/{backbone}", "seed": seed, "task": TASK, "style": cfg["style"],
             "backbone": backbone, "model": meta["model"], "num_classes": len(classes), "wnids": classes,
         })
-        write_json(out / "metrics.json", bb.stamped(params, TASK, backbone, seed, metrics))
+        metrics = bb.stamped(params, TASK, backbone, seed, metrics)
+        write_json(out / "metrics.json", metrics)
         tracker.log_metrics({"map": metrics["map"], "wall_time_s": metrics["wall_time_s"]}, step=cfg["epochs"])
         tracker.log_artifact(out / "metrics.json")
     print(json.dumps({"task": TASK, "backbone": backbone, "seed": seed, "map": metrics["map"],

@@ -78,7 +78,8 @@ def run(params: dict, backbone: str, seed: int) -> dict:
             "output_stride": cfg["output_stride"], "model": meta["model"], "num_classes": num_classes,
             "wnids": [str(c + 1) for c in range(num_classes)],  # the raw ADE label of each channel
         })
-        write_json(out / "metrics.json", bb.stamped(params, TASK, backbone, seed, metrics))
+        metrics = bb.stamped(params, TASK, backbone, seed, metrics)
+        write_json(out / "metrics.json", metrics)
         tracker.log_metrics({k: metrics[k] for k in ("pixel_accuracy", "miou", "wall_time_s")}, step=cfg["epochs"])
         tracker.log_artifact(out / "metrics.json")
     print(json.dumps({"task": TASK, "backbone": backbone, "seed": seed, "pixel_accuracy": metrics["pixel_accuracy"],
