@@ -7,10 +7,13 @@ Why it is built this way:
   one process, a pool of `prepare.num_workers` processes decodes the images ahead of it in order,
   and the global RNG is seeded from (`prepare.seed`, image index) just before ffcv encodes an image.
 - Fail fast. Every image is decoded before any beton is written, and all broken files are reported
-  in one message (or skipped and listed, with `data.on_corrupt: skip`).
-- Atomic. Betons and `classes.json` go through temp files renamed at the end; `manifest.json` is
-  written last and is the only "done" marker. A re-run whose inputs, settings and checksums match
-  the manifest does nothing.
+  in one message (or skipped and listed, with `data.on_corrupt: skip`). The free space the betons
+  need is checked before writing, and a writer process that dies (a full disk) ends the stage at
+  once instead of leaving ffcv's parent loop waiting forever.
+- Atomic. One prepare per data dir (`locks.dir_lock`). The new betons and `classes.json` are written
+  as temp files beside the old set, which stays usable until all three are complete and renamed over
+  it; `manifest.json` is written last and is the only "done" marker. A re-run whose inputs, settings
+  and checksums match the manifest does nothing.
 """
 from __future__ import annotations
 
@@ -329,7 +332,7 @@ class DecodedAhead:
     `RGBImageField.encode` draws from in 'proportion' mode, so the JPEG-or-raw choice of each image
     depends only on the seed and its index. A sample that cannot be produced (its file changed since
     validation, or anything else goes wrong) becomes a 1x1 placeholder and its index is recorded in
-    `failed`: an exception raised here would kill ffcv's worker and leave its parent waiting forever.
+    `failed`, so the error names the file (an exception raised here would only kill ffcv's worker).
     """
 
     def __init__(self, items: list[Item], max_resolution: int, workers: int, seed: int, failed):
@@ -416,7 +419,7 @@ def watched_writer(path: Path, fields: dict, name: str):
 
 
 def _write_watched(writer, name: str, num_samples: int, queue_content, work_fn, extra_worker_args) -> None:
-    """ffcv 1.0's `DatasetWriter._write_common` with a liveness check and our progress report."""
+    """ffcv 1.0.2's `DatasetWriter._write_common` with a liveness check and our progress report."""
     from multiprocessing import Process, Queue, Value
     import ctypes
 
