@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import errno
 import hashlib
 import json
@@ -420,24 +421,21 @@ def watched_writer(path: Path, fields: dict, name: str):
 
 def _write_watched(writer, name: str, num_samples: int, queue_content, work_fn, extra_worker_args) -> None:
     """ffcv 1.0.2's `DatasetWriter._write_common` with a liveness check and our progress report."""
-    from multiprocessing import Process, Queue, Value
-    import ctypes
-
     from ffcv.memory_allocator import MemoryAllocator
 
     writer.num_samples = num_samples
     writer.prepare()
-    work: Queue = Queue()
+    work = mp.Queue()
     for todo in queue_content:
         work.put(todo)
-    allocations: Queue = Queue()
+    allocations = mp.Queue()
     for _ in range(writer.num_workers):
         work.put(None)
-    done = Value(ctypes.c_uint64, 0)
+    done = mp.Value(ctypes.c_uint64, 0)
     allocator = MemoryAllocator(writer.fname, writer.data_region_start, writer.page_size)
     args = (work, writer.metadata_sm, writer.metadata_type, writer.fields, allocator, done, allocations,
             *extra_worker_args)
-    processes = [Process(target=work_fn, args=args) for _ in range(writer.num_workers)]
+    processes = [mp.Process(target=work_fn, args=args) for _ in range(writer.num_workers)]
     for proc in processes:
         proc.start()
     progress = Progress(name, num_samples)

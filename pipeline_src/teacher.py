@@ -37,19 +37,19 @@ def import_teacher(cfg: dict, seed: int) -> dict:
     if mismatched:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs params {b!r}" for k, (a, b) in mismatched.items())
         raise TeacherError(f"{source}: teacher architecture does not match run '{cfg['run']['name']}' ({detail}); "
-                         "fix the runs.<teacher>.set / model keys or point teacher.checkpoint elsewhere")
+                           "fix the runs.<teacher>.set / model keys or point teacher.checkpoint elsewhere")
     if meta["num_classes"] != len(wnids):
         raise TeacherError(f"{source}: teacher has {meta['num_classes']} classes but the betons have {len(wnids)}; "
-                         "a teacher must be trained on the same classes as its students")
+                           "a teacher must be trained on the same classes as its students")
     if meta["wnids"] != wnids:
         raise TeacherError(f"{source}: teacher classes {meta['wnids']} differ from {betons_dir(cfg) / 'classes.json'} "
-                         f"{wnids}; a teacher must be trained on the same classes, in the same order, as its students")
+                           f"{wnids}; a teacher must be trained on the same classes, in the same order, as its students")
     model = build_model({**expected, "zero_gamma": False}, len(wnids))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise TeacherError(f"{source}: weights do not fit {expected} with {len(wnids)} classes: "
-                         f"{str(exc).splitlines()[0]}") from exc
+                           f"{str(exc).splitlines()[0]}") from exc
     device = torch.device("cpu")
     val = make_val_loader(betons_dir(cfg) / "val.beton", cfg, cfg["train"]["batch_size"], device)
     scores = evaluate(model, val, cfg, device, "fp32", len(wnids), keep_gaps=True)

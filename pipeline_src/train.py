@@ -63,11 +63,6 @@ def recipe_hash(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(P.recipe_of(cfg), sort_keys=True).encode()).hexdigest()
 
 
-def is_finished(out: Path, recipe: str | None = None) -> bool:
-    """Done means metrics.json written for this very recipe, next to the model.pt whose sha256 it records."""
-    return checkpoint.finished_metrics(out, recipe) is not None
-
-
 def pick_device(choice: str, local_rank: int) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise TrainInputError("loader.device is 'cuda' but no CUDA device is visible; set loader.device=cpu or auto")
@@ -93,7 +88,7 @@ def load_teacher(params: dict, seed: int, wnids: list[str], device: torch.device
     state, meta = checkpoint.load_model_weights(path)
     if meta["wnids"] != wnids:
         raise TrainInputError(f"{path}: the teacher was trained on other classes than the betons' classes.json; "
-                         "re-run the teacher stage on the current data")
+                              "re-run the teacher stage on the current data")
     teacher = build_model({**meta["model"], "zero_gamma": False}, len(wnids))
     teacher.load_state_dict(state)
     return teacher.to(device).eval().requires_grad_(False)
