@@ -211,3 +211,12 @@ def test_unreadable_metrics_file_is_named(micro, tmp_path, capsys):
     assert main(_short(micro, tmp_path, 8)) == 2
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith(f"train: error: {out / 'metrics.json'}: not valid UTF-8 JSON")
+
+
+def test_corrupt_checkpoint_is_one_line_naming_it(micro, tmp_path, capsys):
+    out = tmp_path / "baseline" / "seed9"
+    out.mkdir(parents=True)
+    (out / "last.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    assert main(_short(micro, tmp_path, 9)) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"train: error: {out / 'last.pt'}: cannot be read, the file is truncated or corrupt")
