@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from pipeline_src import params as P
+from pipeline_src.errors import InputError, run_main
 from pipeline_src.io import atomic_path, write_json
 from pipeline_src.loader import make_train_loader
 from pipeline_src.models import build_model
@@ -29,7 +30,7 @@ def _setup(cfg: dict, seed: int) -> tuple[torch.nn.Module, object, int]:
     betons = Path(cfg["paths"]["data"]) / "betons"
     classes_file = betons / "classes.json"
     if not classes_file.is_file():
-        raise SystemExit(f"{classes_file} not found: run the prepare stage first")
+        raise InputError(f"{classes_file} not found: run the prepare stage first (python -m pipeline_src.prepare)")
     classes = json.loads(classes_file.read_text())
     num_classes = len(classes["wnids"] if isinstance(classes, dict) else classes)
     model = build_model(cfg["model"], num_classes)
@@ -123,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     P.add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        cfg = P.resolve_run(P.from_args(args), args.run)
-    except P.ParamsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_main("sanity", lambda: _check(args))
+
+
+def _check(args: argparse.Namespace) -> int:
+    cfg = P.resolve_run(P.from_args(args), args.run)
     if args.check == "overfit":
         ok, losses = overfit(cfg, args.seed)
         verdict = "reached" if ok else "did NOT reach"

@@ -14,10 +14,15 @@ from pathlib import Path
 import torch
 
 from pipeline_src import checkpoint, params as P, tracking
+from pipeline_src.errors import InputError, run_main
 from pipeline_src.io import write_json
 from pipeline_src.loader import make_val_loader
 from pipeline_src.models import build_model
 from pipeline_src.train import betons_dir, evaluate, read_classes, run_dir, train
+
+
+class TeacherError(InputError):
+    """A teacher checkpoint that does not fit the teacher run or the betons' classes."""
 
 
 def import_teacher(cfg: dict, seed: int) -> dict:
@@ -31,20 +36,20 @@ def import_teacher(cfg: dict, seed: int) -> dict:
                   if k in found and found[k] != expected[k]}
     if mismatched:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs params {b!r}" for k, (a, b) in mismatched.items())
-        raise SystemExit(f"{source}: teacher architecture does not match run '{cfg['run']['name']}' ({detail}); "
-                         "fix the runs.<teacher>.set / model keys or point teacher.checkpoint elsewhere")
+        raise TeacherError(f"{source}: teacher architecture does not match run '{cfg['run']['name']}' ({detail}); "
+                           "fix the runs.<teacher>.set / model keys or point teacher.checkpoint elsewhere")
     if meta["num_classes"] != len(wnids):
-        raise SystemExit(f"{source}: teacher has {meta['num_classes']} classes but the betons have {len(wnids)}; "
-                         "a teacher must be trained on the same classes as its students")
+        raise TeacherError(f"{source}: teacher has {meta['num_classes']} classes but the betons have {len(wnids)}; "
+                           "a teacher must be trained on the same classes as its students")
     if meta["wnids"] != wnids:
-        raise SystemExit(f"{source}: teacher classes {meta['wnids']} differ from {betons_dir(cfg) / 'classes.json'} "
-                         f"{wnids}; a teacher must be trained on the same classes, in the same order, as its students")
+        raise TeacherError(f"{source}: teacher classes {meta['wnids']} differ from {betons_dir(cfg) / 'classes.json'} "
+                           f"{wnids}; a teacher must be trained on the same classes, in the same order, as its students")
     model = build_model({**expected, "zero_gamma": False}, len(wnids))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise SystemExit(f"{source}: weights do not fit {expected} with {len(wnids)} classes: "
-                         f"{str(exc).splitlines()[0]}") from exc
+        raise TeacherError(f"{source}: weights do not fit {expected} with {len(wnids)} classes: "
+                           f"{str(exc).splitlines()[0]}") from exc
     device = torch.device("cpu")
     val = make_val_loader(betons_dir(cfg) / "val.beton", cfg, cfg["train"]["batch_size"], device)
     scores = evaluate(model, val, cfg, device, "fp32", len(wnids), keep_gaps=True)
@@ -70,25 +75,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="default: the first of study.seeds")
     P.add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         params = P.from_args(args)
         cfg = P.resolve_run(params, params["teacher"]["run"])
-    except P.ParamsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    seed = params["study"]["seeds"][0] if args.seed is None else args.seed
-    if params["teacher"]["checkpoint"]:  # always re-checked: a stale import is never trusted
-        try:
+        seed = params["study"]["seeds"][0] if args.seed is None else args.seed
+        if params["teacher"]["checkpoint"]:  # always re-checked: a stale import is never trusted
             metrics = import_teacher(cfg, seed)
-        except checkpoint.CheckpointError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    else:
-        metrics = train(cfg, cfg["run"]["name"], seed)
-    if metrics:
-        print(f"teacher {cfg['run']['name']} seed {seed}: val top-1 {metrics['top1']:.2f}%")
-    return 0
+        else:
+            metrics = train(cfg, cfg["run"]["name"], seed)
+        if metrics:
+            print(f"teacher {cfg['run']['name']} seed {seed}: val top-1 {metrics['top1']:.2f}%")
 
+    return run_main("teacher", body)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,6 +12,7 @@ import json
 import os
 import sqlite3
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +29,7 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
+from pipeline_src.errors import InputError
 from pipeline_src.params import flatten
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -35,11 +37,15 @@ DEFAULT_DB_NAME = "mlflow.db"
 # Artifacts beside a SQLite store; not ./mlruns, which `mlflow server` would take for a folder store.
 ARTIFACT_DIR_NAME = "mlartifacts"
 PROBE_TIMEOUT_S = 5.0
+# During training a failed logging call is retried with doubling waits for this long, then the run
+# goes on without it (the checkpoint is already saved) and the call is tried again at the next one.
+RETRY_FOR_S = 120.0
+RETRY_FIRST_WAIT_S = 1.0
 TRUNCATED = "...[truncated]"
 FINISHED, FAILED, RUNNING = "FINISHED", "FAILED", "RUNNING"
 
 
-class TrackingError(RuntimeError):
+class TrackingError(InputError, RuntimeError):
     """The tracking store cannot be used; the message names the URI and what to do."""
 
 
@@ -169,6 +175,25 @@ def _quoted(value: str) -> str:
     return f"'{value}'"
 
 
+def _retried(what: str, fn, *args, budget_s: float = RETRY_FOR_S, **kwargs) -> bool:
+    """Call `fn`, retrying with back-off for `budget_s`; False, after one warning line, if it never worked."""
+    wait, deadline = RETRY_FIRST_WAIT_S, time.monotonic() + budget_s
+    while True:
+        try:
+            fn(*args, **kwargs)
+            return True
+        except Exception as exc:  # MLflow, SQLAlchemy and requests errors: all mean "the store did not take it"
+            if time.monotonic() + wait > deadline:
+                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                how_long = f"for {budget_s:.0f} s" if budget_s > 0 else "again (the store is still down)"
+                print(f"tracking: warning: {what} failed {how_long} ({type(exc).__name__}: {detail}); "
+                      "training goes on and it is logged again at the next epoch or on resume",
+                      file=sys.stderr, flush=True)
+                return False
+            time.sleep(wait)
+            wait *= 2
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(
@@ -190,13 +215,18 @@ class Tracker:
         self.run_id = run_id
         self.resumed = resumed
         self._done = False
+        self._pending: list[list[Metric]] = []  # batches an outage kept out of the store, oldest first
 
     @property
     def enabled(self) -> bool:
         return self._client is not None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Per-epoch scalars (train loss, val top-1/top-5, lr, images/s) at `step` (the epoch)."""
+        """Per-epoch scalars (train loss, val top-1/top-5, lr, images/s) at `step` (the epoch).
+
+        Never raises for an unreachable store: it retries (`RETRY_FOR_S`), then warns and keeps the
+        batch to send before the next one. While the store is known to be down, one try per call.
+        """
         if self._client is None:
             return
         now = int(time.time() * 1000)
@@ -206,8 +236,34 @@ class Tracker:
                 entries.append(Metric(key, float(value), now, int(step)))
             except (TypeError, ValueError) as exc:
                 raise TypeError(f"metric '{key}' at step {step}: {value!r} is not a number") from exc
+        budget = RETRY_FOR_S if not self._pending else 0.0
+        self._pending.append(entries)
+        while self._pending:
+            batch = self._pending[0]
+            if not _retried(f"logging metrics of step {batch[0].step}", self._log_entries, batch, budget_s=budget):
+                return
+            self._pending.pop(0)
+
+    def _log_entries(self, entries: list[Metric]) -> None:
         for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
             self._client.log_batch(self.run_id, metrics=chunk)
+
+    def log_history(self, history: list[dict], step_key: str = "epoch") -> None:
+        """Log the rows of a resumed run's history that the store lacks (an outage, or a kill between
+        the checkpoint and the logging); `step_key` names each row's step."""
+        if self._client is None or not history:
+            return
+        first = next(k for k in history[0] if k != step_key)
+        logged: set[int] = set()
+
+        def read() -> None:
+            logged.update(m.step for m in self._client.get_metric_history(self.run_id, first))
+
+        if not _retried("reading the logged history", read):
+            return
+        for row in history:
+            if row[step_key] not in logged:
+                self.log_metrics({k: v for k, v in row.items() if k != step_key}, step=row[step_key])
 
     def _log_params(self, params: dict[str, Any]) -> None:
         """Log flattened params; ones already logged must hold the same value (MLflow forbids changes)."""
@@ -232,24 +288,39 @@ class Tracker:
             self._client.log_batch(self.run_id, tags=chunk)
 
     def log_artifact(self, path: str | Path) -> None:
+        """Upload a file; an outage past the retry time only warns (the file stays on disk)."""
         if self._client is None:
             return
-        self._client.log_artifact(self.run_id, str(path))
+        _retried(f"logging artifact {path}", self._client.log_artifact, self.run_id, str(path))
 
     def finish(self, status: str = FINISHED) -> None:
-        """Mark the run FINISHED or FAILED; later calls do nothing."""
+        """Mark the run FINISHED or FAILED (after sending what an outage held back); later calls do nothing."""
         if self._client is None or self._done:
             return
         if status not in (FINISHED, FAILED):
             raise ValueError(f"finish(status={status!r}): use {FINISHED!r} or {FAILED!r}")
-        self._client.set_terminated(self.run_id, status=status)
+        budget = RETRY_FOR_S if status == FINISHED else 0.0  # a failing run reports its own error soon
+        while self._pending and _retried("logging held-back metrics", self._log_entries, self._pending[0],
+                                         budget_s=budget):
+            self._pending.pop(0)
+        if not _retried(f"marking MLflow run {self.run_id} {status}", self._client.set_terminated, self.run_id,
+                        status=status, budget_s=budget):
+            print(f"tracking: warning: MLflow run {self.run_id} stays RUNNING in the store; the run's files "
+                  "are complete", file=sys.stderr, flush=True)
         self._done = True
 
     def __enter__(self) -> "Tracker":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.finish(FAILED if exc_type is not None else FINISHED)
+        if exc_type is None:
+            self.finish(FINISHED)
+            return
+        try:  # the error that ended the run is the one to report, not a second one from the store
+            self.finish(FAILED)
+        except Exception as second:
+            print(f"tracking: warning: could not mark MLflow run {self.run_id} FAILED ({second})",
+                  file=sys.stderr, flush=True)
 
 
 def start_run(params: dict, run_name: str, seed: int, tags: dict[str, Any], enabled: bool = True,

@@ -214,3 +214,82 @@ def test_disabled_tracker_is_a_no_op(tmp_path, monkeypatch):
     tracker.finish("FAILED")
     assert list(tmp_path.iterdir()) == []
 
+
+
+def _flaky_store(monkeypatch) -> dict:
+    """Metric batches fail while state['fail'] > 0 (a locked or unreachable store); counts the calls."""
+    from mlflow.exceptions import MlflowException
+
+    real = MlflowClient.log_batch
+    state = {"calls": 0, "fail": 0}
+
+    def flaky(self, run_id, metrics=(), **kwargs):
+        if metrics:
+            state["calls"] += 1
+            if state["fail"] > 0:
+                state["fail"] -= 1
+                raise MlflowException("(sqlite3.OperationalError) database is locked")
+        return real(self, run_id, metrics=metrics, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", flaky)
+    monkeypatch.setattr(tracking, "RETRY_FIRST_WAIT_S", 0.05)
+    monkeypatch.setattr(tracking, "RETRY_FOR_S", 0.3)
+    return state
+
+
+def _steps(client, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_outage_is_retried_then_warned_and_the_metrics_are_sent_later(tmp_path, monkeypatch, capsys):
+    params = _params("baseline", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker = tracking.start_run(params, "baseline", 0, {})
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    store = _flaky_store(monkeypatch)
+    store["fail"] = 2  # the first try and one retry fail, the second retry works
+    tracker.log_metrics({"train_loss": 2.0}, step=0)
+    assert store["calls"] == 3 and _steps(client, tracker.run_id, "train_loss") == [0]
+
+    store["fail"] = 10**6  # down for longer than the retry time
+    start = time.monotonic()
+    tracker.log_metrics({"train_loss": 1.5}, step=1)  # no exception: training goes on
+    assert time.monotonic() - start < 5
+    assert "tracking: warning: logging metrics of step 1 failed" in capsys.readouterr().err
+    store["calls"] = 0
+    tracker.log_metrics({"train_loss": 1.0}, step=2)  # known down: one try only, held back too
+    assert store["calls"] == 1 and _steps(client, tracker.run_id, "train_loss") == [0]
+
+    store["fail"] = 0  # back
+    tracker.log_metrics({"train_loss": 0.5}, step=3)
+    assert _steps(client, tracker.run_id, "train_loss") == [0, 1, 2, 3]
+    tracker.finish()
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+
+
+def test_resume_logs_the_history_epochs_the_store_lacks(tmp_path):
+    params = _params("baseline", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    first = tracking.start_run(params, "baseline", 0, {})
+    first.log_metrics({"train_loss": 2.0, "lr": 0.1}, step=0)  # epoch 1 was checkpointed, never logged
+    history = [{"train_loss": 2.0, "lr": 0.1, "epoch": 0}, {"train_loss": 1.0, "lr": 0.1, "epoch": 1}]
+    resumed = tracking.start_run(params, "baseline", 0, {})
+    assert resumed.run_id == first.run_id
+    resumed.log_history(history)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert _steps(client, first.run_id, "train_loss") == [0, 1]  # epoch 0 not logged twice
+    assert _steps(client, first.run_id, "lr") == [0, 1]
+
+
+def test_exit_keeps_the_first_error_when_the_store_also_fails(tmp_path, monkeypatch, capsys):
+    from mlflow.exceptions import MlflowException
+
+    params = _params("baseline", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker = tracking.start_run(params, "baseline", 0, {})
+
+    def locked(*args, **kwargs):
+        raise MlflowException("database is locked")
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", locked)
+    with pytest.raises(ValueError, match="the first error"):
+        with tracker:
+            raise ValueError("the first error")
+    assert f"MLflow run {tracker.run_id}" in capsys.readouterr().err

@@ -14,6 +14,7 @@ import torch
 
 from pipeline_src import params as P
 from pipeline_src.checkpoint import load_model_weights
+from pipeline_src.io import sha256
 from pipeline_src.models import build_model
 from pipeline_src.train import main, run_dir
 from pipeline_src.tricks.mixed_precision import hardware
@@ -104,7 +105,8 @@ def test_ddp_two_gloo_processes_match_one_process_on_the_same_global_batch(micro
     # Two steps at a small LR: the micro model is chaotic enough that larger steps amplify fp32
     # rounding (a 1e-6 nudge of the init moves the weights by 3e-4 after one step at LR 1e-3), and
     # NCHW because oneDNN's channels_last kernels round differently at different batch sizes.
-    same = ["--run", "baseline", "--set", "train.epochs=1", "--set", "train.batch_size=48",
+    same = ["--run", "baseline", "--set", "train.epochs=1", "--set", "train.step_milestones=[]",
+            "--set", "train.batch_size=48",
             "--set", "train.base_lr=0.0001", "--set", "train.sync_bn=true",
             "--set", "loader.order=sequential", "--set", "augment.crop_area=[1.0, 1.0]",
             "--set", "augment.crop_ratio=[1.0, 1.0]", "--set", "augment.flip=false",
@@ -148,3 +150,75 @@ def test_sanity_lr_range_saves_a_plot_and_suggests_an_lr(micro, capsys):
     low, high = params["sanity"]["lr_range"]
     assert low <= report["suggested_lr"] <= high
     assert Path(report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _short(micro: Path, runs: Path, seed: int, *extra: str) -> list[str]:
+    return ["--params", str(micro), "--run", "baseline", "--seed", str(seed), "--set", f"paths.runs={runs}",
+            "--set", "train.epochs=1", "--set", "train.step_milestones=[]", *extra]
+
+
+def test_tracking_outage_loses_no_epoch_and_a_truncated_model_is_trained_again(micro, tmp_path, monkeypatch,
+                                                                               capsys):
+    from mlflow.exceptions import MlflowException
+
+    from pipeline_src import tracking
+
+    def locked(self, entries):
+        raise MlflowException("(sqlite3.OperationalError) database is locked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tracking.Tracker, "_log_entries", locked)
+        patch.setattr(tracking, "RETRY_FOR_S", 0.05)
+        patch.setattr(tracking, "RETRY_FIRST_WAIT_S", 0.01)
+        assert main(_short(micro, tmp_path, 5)) == 0
+    assert "tracking: warning: logging metrics of step 0 failed" in capsys.readouterr().err
+    out = tmp_path / "baseline" / "seed5"
+    load_model_weights(out / "model.pt")
+
+    data = (out / "model.pt").read_bytes()
+    (out / "model.pt").write_bytes(data[: len(data) // 2])
+    assert main(_short(micro, tmp_path, 5)) == 0
+    assert "already finished" not in capsys.readouterr().out
+    load_model_weights(out / "model.pt")
+    assert json.loads((out / "metrics.json").read_text())["model_sha256"] == sha256(out / "model.pt")
+
+
+def test_second_training_of_one_run_and_seed_is_refused(micro, tmp_path, capsys):
+    out = tmp_path / "baseline" / "seed6"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from pipeline_src.locks import dir_lock\n"
+         f"with dir_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(_short(micro, tmp_path, 6)) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"train: error: {out} is in use by pid {holder.pid}" in capsys.readouterr().err
+    assert not (out / "last.pt").exists()
+
+
+def test_batch_above_the_image_count_is_one_clear_line(micro, tmp_path, capsys):
+    assert main(_short(micro, tmp_path, 7, "--set", "train.batch_size=500")) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert "key 'train.batch_size' (500) is above the 96 images of" in line and "train.beton" in line
+
+
+def test_unreadable_metrics_file_is_named(micro, tmp_path, capsys):
+    out = tmp_path / "baseline" / "seed8"
+    out.mkdir(parents=True)
+    (out / "model.pt").write_bytes(b"x")
+    (out / "metrics.json").write_bytes(b'{"top1": "\xff\xfe"}')
+    assert main(_short(micro, tmp_path, 8)) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"train: error: {out / 'metrics.json'}: not valid UTF-8 JSON")
+
+
+def test_corrupt_checkpoint_is_one_line_naming_it(micro, tmp_path, capsys):
+    out = tmp_path / "baseline" / "seed9"
+    out.mkdir(parents=True)
+    (out / "last.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    assert main(_short(micro, tmp_path, 9)) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"train: error: {out / 'last.pt'}: cannot be read, the file is truncated or corrupt")

@@ -8,15 +8,14 @@ Writes `<paths.reports>/report.md`, `<paths.reports>/report.html` (self-containe
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 from pipeline_src import params as P
+from pipeline_src.errors import run_main
 from pipeline_src.io import write_text
 from pipeline_src.report import plots, tables
-from pipeline_src.report.paper import (COMPARISON_TABLES, TRANSFER_TABLES, PaperNumbersError, load_paper_numbers,
-                                       runs_named)
+from pipeline_src.report.paper import (COMPARISON_TABLES, TRANSFER_TABLES, load_paper_numbers, runs_named)
 from pipeline_src.report.render import Block, Bullets, Figure, Heading, Para, Table, to_html, to_markdown
 from pipeline_src.report.results import ReportInputError, Results, read_json
 
@@ -336,11 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     P.add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        written = build(P.from_args(args))
-    except (P.ParamsError, ReportInputError, PaperNumbersError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for path in written.values():
-        print(f"report: wrote {path}")
-    return 0
+
+    def body() -> None:
+        for path in build(P.from_args(args)).values():
+            print(f"report: wrote {path}")
+
+    return run_main("report", body)
