@@ -4,6 +4,8 @@
 
 Either way the teacher ends up at data/runs/<teacher.run>/seed<k>/model.pt with its measured val
 top-1 in metrics.json (and in MLflow) before any student trains, so a bad teacher is seen early.
+--set overrides that change the teacher run's recipe send it to its ad-hoc folder (run_folders.py),
+where students trained with the same overrides look for it.
 """
 from __future__ import annotations
 
@@ -17,10 +19,11 @@ from pipeline_src import checkpoint, params as P, tracking
 from pipeline_src.io import write_json
 from pipeline_src.loader import make_val_loader
 from pipeline_src.models import build_model
-from pipeline_src.train import betons_dir, evaluate, read_classes, run_dir, train
+from pipeline_src.run_folders import RunFolderError, output_dir
+from pipeline_src.train import betons_dir, evaluate, read_classes, train
 
 
-def import_teacher(cfg: dict, seed: int) -> dict:
+def import_teacher(cfg: dict, seed: int, out: str | Path | None = None) -> dict:
     """Check a user's checkpoint against the teacher run's architecture and class count, measure it."""
     source = Path(cfg["teacher"]["checkpoint"])
     state, meta = checkpoint.load_model_weights(source)
@@ -48,7 +51,7 @@ def import_teacher(cfg: dict, seed: int) -> dict:
     device = torch.device("cpu")
     val = make_val_loader(betons_dir(cfg) / "val.beton", cfg, cfg["train"]["batch_size"], device)
     scores = evaluate(model, val, cfg, device, "fp32", len(wnids), keep_gaps=True)
-    out = run_dir(cfg, cfg["run"]["name"], seed)
+    out = output_dir(cfg, cfg["run"]["name"], seed, out)
     metrics = {"top1": scores["top1"], "top5": scores["top5"], "val_loss": scores["val_loss"],
                "source": str(source)}
     tags = {"run": cfg["run"]["name"], "seed": str(seed), "profile": cfg["profile"]["name"],
@@ -68,6 +71,7 @@ def import_teacher(cfg: dict, seed: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=None, help="default: the first of study.seeds")
+    parser.add_argument("--out", default=None, help="output folder (default: as the train stage chooses)")
     P.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
@@ -77,14 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     seed = params["study"]["seeds"][0] if args.seed is None else args.seed
-    if params["teacher"]["checkpoint"]:  # always re-checked: a stale import is never trusted
-        try:
-            metrics = import_teacher(cfg, seed)
-        except checkpoint.CheckpointError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    else:
-        metrics = train(cfg, cfg["run"]["name"], seed)
+    try:
+        if params["teacher"]["checkpoint"]:  # always re-checked: a stale import is never trusted
+            metrics = import_teacher(cfg, seed, args.out)
+        else:
+            metrics = train(cfg, cfg["run"]["name"], seed, args.out)
+    except (checkpoint.CheckpointError, RunFolderError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if metrics:
         print(f"teacher {cfg['run']['name']} seed {seed}: val top-1 {metrics['top1']:.2f}%")
     return 0

@@ -7,12 +7,12 @@
 
 The loop below is the paper's recipe with every trick a switch: linear scaling, warmup, zero gamma,
 no bias decay, mixed precision, step / cosine decay, label smoothing, mixup and distillation.
-Outputs: data/runs/<run>/seed<k>/{last.pt, model.pt, history.json, metrics.json}.
+Outputs: data/runs/<run>/seed<k>/{last.pt, model.pt, history.json, metrics.json}; a run whose --set
+overrides change its recipe writes to data/runs/adhoc/<run>-<hash>/seed<k>/ or --out DIR instead.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import statistics
@@ -28,6 +28,7 @@ from pipeline_src import checkpoint, distributed, params as P, tracking
 from pipeline_src.io import write_json
 from pipeline_src.loader import make_train_loader, make_val_loader
 from pipeline_src.models import build_model
+from pipeline_src.run_folders import RunFolderError, output_dir, recipe_hash, run_dir, with_same_overrides
 from pipeline_src.tricks.distillation import distillation_loss
 from pipeline_src.tricks.label_smoothing import smooth_targets, soft_target_cross_entropy
 from pipeline_src.tricks.linear_scaling import scaled_lr
@@ -41,17 +42,8 @@ class NonFiniteLoss(RuntimeError):
     """Training diverged; the last good checkpoint is kept for inspection or a restart."""
 
 
-def run_dir(params: dict, run: str, seed: int) -> Path:
-    return Path(params["paths"]["runs"]) / run / f"seed{seed}"
-
-
 def betons_dir(params: dict) -> Path:
     return Path(params["paths"]["data"]) / "betons"
-
-
-def recipe_hash(cfg: dict) -> str:
-    """Fingerprint of everything that shapes a run's training, to never resume or skip a stale one."""
-    return hashlib.sha256(json.dumps(P.recipe_of(cfg), sort_keys=True).encode()).hexdigest()
 
 
 def is_finished(out: Path, recipe: str | None = None) -> bool:
@@ -81,7 +73,8 @@ def read_classes(params: dict) -> list[str]:
 
 def load_teacher(params: dict, seed: int, wnids: list[str], device: torch.device) -> nn.Module:
     """The frozen teacher that the teacher stage left (trained or imported and already checked)."""
-    path = run_dir(params, params["teacher"]["run"], seed) / "model.pt"
+    name = params["teacher"]["run"]
+    path = output_dir(with_same_overrides(params, name), name, seed) / "model.pt"
     if not path.is_file():
         raise SystemExit(f"{path} not found: run the teacher stage first (python -m pipeline_src.teacher)")
     state, meta = checkpoint.load_model_weights(path)
@@ -170,9 +163,11 @@ def evaluate(model, loader, cfg: dict, device, precision: str, num_classes: int,
     return out
 
 
-def train(cfg: dict, run: str, seed: int) -> dict | None:
+def train(cfg: dict, run: str, seed: int, out: str | Path | None = None) -> dict | None:
     """Train (or resume, or skip) one run; returns its final metrics on rank 0."""
-    out = run_dir(cfg, run, seed)
+    out = output_dir(cfg, run, seed, out)
+    if out != run_dir(cfg, run, seed) and os.environ.get("RANK", "0") == "0":
+        print(f"{run} seed {seed}: not the recipe {cfg['_source']} gives this run, so writing to {out}")
     recipe = recipe_hash(cfg)
     if is_finished(out, recipe):
         print(f"{out}: already finished with these params, skipping (delete it to re-train)")
@@ -300,6 +295,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="a run name from params.yaml (runs, single-*, loo-*)")
     parser.add_argument("--seed", type=int, default=None, help="default: the first of study.seeds")
+    parser.add_argument("--out", default=None, help="output folder (default: paths.runs/<run>/seed<k>, or "
+                        "paths.runs/adhoc/<run>-<hash>/seed<k> when --set changes the run's recipe)")
     P.add_arguments(parser)
     return parser.parse_args(argv)
 
@@ -314,7 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     seed = params["study"]["seeds"][0] if args.seed is None else args.seed
     try:
-        train(cfg, args.run, seed)
+        train(cfg, args.run, seed, args.out)
+    except RunFolderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

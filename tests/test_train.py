@@ -20,8 +20,8 @@ from pipeline_src.train import main, run_dir
 BIN = Path(sys.executable).parent
 
 
-def _cmd(micro: Path, runs: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline_src.train", "--params", str(micro), "--set", f"paths.runs={runs}", *extra]
+def _cmd(micro: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline_src.train", "--params", str(micro), "--out", str(out), *extra]
 
 
 def test_train_writes_outputs_logs_to_mlflow_and_skips_a_finished_run(micro, capsys):
@@ -62,7 +62,7 @@ def test_killed_run_resumes_to_bit_identical_weights(micro, tmp_path):
     subprocess.run(_cmd(micro, straight, *args), check=True, capture_output=True, timeout=300)
 
     killed = tmp_path / "killed"
-    last = killed / "t6-mixup" / "seed3" / "last.pt"
+    last = killed / "last.pt"
     proc = subprocess.Popen(_cmd(micro, killed, *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
     while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -74,20 +74,20 @@ def test_killed_run_resumes_to_bit_identical_weights(micro, tmp_path):
 
     resumed = subprocess.run(_cmd(micro, killed, *args), check=True, capture_output=True, text=True, timeout=300)
     assert "resuming at epoch" in resumed.stdout
-    a, _ = load_model_weights(straight / "t6-mixup" / "seed3" / "model.pt")
-    b, _ = load_model_weights(killed / "t6-mixup" / "seed3" / "model.pt")
+    a, _ = load_model_weights(straight / "model.pt")
+    b, _ = load_model_weights(killed / "model.pt")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
 
 def test_nan_loss_stops_the_run_naming_the_step_and_checkpoint(micro, tmp_path, capsys):
-    code = main(["--params", str(micro), "--run", "baseline", "--set", f"paths.runs={tmp_path}",
+    code = main(["--params", str(micro), "--run", "baseline", "--out", str(tmp_path),
                  "--set", "train.base_lr=1e30"])
     err = capsys.readouterr().err
     assert code == 3
     assert "loss is" in err and "step" in err and "last good checkpoint" in err
-    assert not (tmp_path / "baseline" / "seed0" / "metrics.json").exists()
+    assert not (tmp_path / "metrics.json").exists()
 
 
 def test_unknown_run_is_a_clear_error(micro, capsys):
@@ -113,12 +113,12 @@ def test_ddp_two_gloo_processes_match_one_process_on_the_same_global_batch(micro
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [BIN / "torchrun", "--standalone", "--nproc_per_node", "2", "-m", "pipeline_src.train", "--",
-         "--params", str(micro), "--set", f"paths.runs={ddp}", *same],
+         "--params", str(micro), "--out", str(ddp), *same],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    a, meta = load_model_weights(single / "baseline" / "seed0" / "model.pt")
-    b, _ = load_model_weights(ddp / "baseline" / "seed0" / "model.pt")
+    a, meta = load_model_weights(single / "model.pt")
+    b, _ = load_model_weights(ddp / "model.pt")
     torch.manual_seed(0)
     init = build_model(meta["model"], meta["num_classes"]).state_dict()
     weights = [k for k in a if a[k].is_floating_point() and "running" not in k]
