@@ -55,16 +55,16 @@ def import_teacher(cfg: dict, seed: int, out: str | Path | None = None) -> dict:
     metrics = {"top1": scores["top1"], "top5": scores["top5"], "val_loss": scores["val_loss"],
                "source": str(source)}
     tags = {"run": cfg["run"]["name"], "seed": str(seed), "profile": cfg["profile"]["name"],
-            "teacher_source": str(source)}
+            "teacher_source": str(source), "run_dir": str(out)}
+    meta = {"run": cfg["run"]["name"], "seed": seed, "model": expected, "num_classes": len(wnids), "wnids": wnids}
     with tracking.start_run(cfg, cfg["run"]["name"], seed, tags, resume=False) as tracker:
         tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if k != "source"}, step=0)
-    checkpoint.save_final_model(out / "model.pt", model.state_dict(), {
-        "run": cfg["run"]["name"], "seed": seed, "model": expected, "num_classes": len(wnids), "wnids": wnids,
-    })
-    write_json(out / "history.json", {"run": cfg["run"]["name"], "seed": seed, "tricks": cfg["run"]["tricks"],
-                                      "epochs": [], "lr_curve": [], "logit_gaps": scores["logit_gaps"],
-                                      "label_smoothing": cfg["train"]["label_smoothing"]})
-    write_json(out / "metrics.json", metrics)
+        checkpoint.save_final_model(out / "model.pt", model.state_dict(), meta)
+        write_json(out / "history.json", {"run": cfg["run"]["name"], "seed": seed, "tricks": cfg["run"]["tricks"],
+                                          "epochs": [], "lr_curve": [], "logit_gaps": scores["logit_gaps"],
+                                          "label_smoothing": cfg["train"]["label_smoothing"]})
+        write_json(out / "metrics.json", metrics)
+        tracker.log_model(out / "model.pt", meta)
     return metrics
 
 

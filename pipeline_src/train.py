@@ -232,7 +232,7 @@ def train(cfg: dict, run: str, seed: int, out: str | Path | None = None) -> dict
         model, device_ids=[device.index] if device.type == "cuda" else None)
     compiled = torch.compile(net) if train_cfg["compile"] else net
     tags = {"run": run, "seed": str(seed), "profile": cfg["profile"]["name"], "precision_effective": precision,
-            **beton_tags(betons)}
+            "run_dir": str(out), **beton_tags(betons)}
     tracker = tracking.start_run(cfg, run, seed, tags, enabled=ddp.main, resume=state is not None)
     with tracker:
         for epoch in range(start_epoch, train_cfg["epochs"]):
@@ -268,9 +268,8 @@ def train(cfg: dict, run: str, seed: int, out: str | Path | None = None) -> dict
             "wall_time_s": sum(h["epoch_time_s"] for h in history), "recipe": recipe,
             "precision": precision,
         }
-        checkpoint.save_final_model(out / "model.pt", model.state_dict(), {
-            "run": run, "seed": seed, "model": cfg["model"], "num_classes": num_classes, "wnids": wnids,
-        })
+        meta = {"run": run, "seed": seed, "model": cfg["model"], "num_classes": num_classes, "wnids": wnids}
+        checkpoint.save_final_model(out / "model.pt", model.state_dict(), meta)
         write_json(out / "history.json", {"run": run, "seed": seed, "tricks": cfg["run"]["tricks"],
                                           "epochs": history, "lr_curve": lr_curve,
                                           "logit_gaps": final["logit_gaps"],
@@ -279,6 +278,7 @@ def train(cfg: dict, run: str, seed: int, out: str | Path | None = None) -> dict
         tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if k not in ("recipe", "precision")},
                             step=train_cfg["epochs"])
         tracker.log_artifact(out / "history.json")
+        tracker.log_model(out / "model.pt", meta)
     ckpt.unlink(missing_ok=True)  # model.pt holds the weights now; the resume state is spent
     return metrics
 

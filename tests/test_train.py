@@ -49,6 +49,9 @@ def test_train_writes_outputs_logs_to_mlflow_and_skips_a_finished_run(micro, cap
     assert [m.step for m in client.get_metric_history(run.info.run_id, "top1")] == [0, 1]
     manifest = json.loads((Path(params["paths"]["data"]) / "betons" / "manifest.json").read_text())
     assert run.data.tags["sha256_train.beton"] == manifest["sha256"]["train.beton"]
+    assert run.data.tags["mlflow.note.content"] == params["runs"]["t4-amp"]["description"]
+    assert "runs.baseline.description" not in run.data.params  # its own recipe, not the whole file
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/model.pt", "model/meta.json"}
 
     capsys.readouterr()
     assert main(["--params", str(micro), "--run", "t4-amp", "--seed", "0"]) == 0
@@ -146,3 +149,12 @@ def test_sanity_lr_range_saves_a_plot_and_suggests_an_lr(micro, capsys):
     low, high = params["sanity"]["lr_range"]
     assert low <= report["suggested_lr"] <= high
     assert Path(report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(params["tracking"]["uri"])
+    exp = client.get_experiment_by_name(params["tracking"]["experiment"])
+    [run] = client.search_runs([exp.experiment_id], "tags.run = 'sanity-lr-range/baseline'")
+    assert run.data.metrics["suggested_lr"] == report["suggested_lr"]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {Path(report["plot"]).name,
+                                                                        Path(report["plot"]).with_suffix(".json").name}

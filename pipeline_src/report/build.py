@@ -4,6 +4,7 @@
 
 Writes `<paths.reports>/report.md`, `<paths.reports>/report.html` (self-contained) and
 `<paths.reports>/figures/*.png`, atomically. Identical inputs give identical files (no timestamps).
+The command (not `build`) then logs those files to an MLflow run `report`.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline_src import params as P
+from pipeline_src import params as P, tracking
 from pipeline_src.io import write_text
 from pipeline_src.report import plots, tables
 from pipeline_src.report.paper import (COMPARISON_TABLES, TRANSFER_TABLES, PaperNumbersError, load_paper_numbers,
@@ -245,10 +246,17 @@ def main(argv: list[str] | None = None) -> int:
     P.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        written = build(P.from_args(args))
+        params = P.from_args(args)
+        written = build(params)
     except (P.ParamsError, ReportInputError, PaperNumbersError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for path in written.values():
         print(f"report: wrote {path}")
+    try:
+        run_id = tracking.log_report(params, written.values())
+    except tracking.TrackingError as exc:
+        print(f"error: the report is written, but logging it to MLflow failed: {exc}", file=sys.stderr)
+        return 2
+    print(f"report: logged to MLflow run {run_id}")
     return 0
