@@ -5,7 +5,8 @@
 Either way the teacher ends up at data/runs/<teacher.run>/seed<k>/model.pt with its measured val
 top-1 in metrics.json (and in MLflow) before any student trains, so a bad teacher is seen early.
 --set overrides that change the teacher run's recipe send it to its ad-hoc folder (run_folders.py),
-where students trained with the same overrides look for it.
+where students trained with the same overrides look for it. teacher.checkpoint is a final model
+file of this pipeline or a torchvision/timm resnet50/101/152 state dict (models/torchvision_resnet.py).
 """
 from __future__ import annotations
 
@@ -18,16 +19,52 @@ import torch
 from pipeline_src import checkpoint, params as P, tracking
 from pipeline_src.io import write_json
 from pipeline_src.loader import make_val_loader
-from pipeline_src.models import build_model
+from pipeline_src.models import build_model, torchvision_resnet
 from pipeline_src.run_folders import RunFolderError, output_dir
 from pipeline_src.train import betons_dir, evaluate, read_classes, train
+
+
+def _torchvision_state(obj: object) -> dict | None:
+    """A torchvision/timm ResNet state dict, bare or wrapped as {'state_dict': ...} / {'model': ...}."""
+    if torchvision_resnet.is_torchvision_resnet(obj):
+        return obj
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and "meta" not in obj and torchvision_resnet.is_torchvision_resnet(obj.get(key)):
+            return obj[key]
+    return None
+
+
+def read_teacher_file(source: Path, wnids: list[str]) -> tuple[dict, dict]:
+    """(state_dict, meta) of our final model file, or of a torchvision/timm resnet50/101/152 state dict.
+
+    A torchvision file names no classes; its class i is taken to be the betons' class i (the
+    sorted wnids, the order of torchvision's ImageNet weights); the class count is still checked.
+    """
+    obj = checkpoint.load_file(source)
+    if isinstance(obj, dict) and {"state_dict", "meta"} <= set(obj):
+        return checkpoint.final_model_of(obj, source)
+    tv_state = _torchvision_state(obj)
+    if tv_state is None:
+        keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise checkpoint.CheckpointError(
+            f"{source}: unknown teacher format (top-level keys {keys}); teacher.checkpoint takes a final "
+            "model file of this pipeline (keys 'state_dict' and 'meta', e.g. a run's model.pt) or a "
+            "torchvision/timm resnet50/101/152 state dict (keys conv1.weight, bn1.*, layer1.0.*, fc.weight)"
+        )
+    try:
+        state, model, classes = torchvision_resnet.convert(tv_state)
+    except torchvision_resnet.TorchvisionFormatError as exc:
+        raise checkpoint.CheckpointError(f"{source}: a torchvision-style ResNet state dict, but {exc}") from exc
+    print(f"{source}: torchvision ResNet-{model['depth']} state dict, mapped to ResNet-B; its {classes} "
+          "outputs are taken to be the betons' classes in classes.json order")
+    return state, {"model": model, "num_classes": classes, "wnids": wnids if classes == len(wnids) else []}
 
 
 def import_teacher(cfg: dict, seed: int, out: str | Path | None = None) -> dict:
     """Check a user's checkpoint against the teacher run's architecture and class count, measure it."""
     source = Path(cfg["teacher"]["checkpoint"])
-    state, meta = checkpoint.load_model_weights(source)
     wnids = read_classes(cfg)
+    state, meta = read_teacher_file(source, wnids)
     expected = cfg["model"]
     found = meta.get("model", {})
     mismatched = {k: (found[k], expected[k]) for k in ("arch", "depth", "variant", "width")
