@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -548,6 +550,12 @@ def recipe_of(resolved: dict) -> dict:
     """The settings that shape one resolved run's training: a change re-trains exactly that run."""
     sections = [k for k in RUN_SECTIONS if k != "distill" or resolved["train"]["distill"]]
     return {k: resolved[k] for k in sections}
+
+
+def recipe_hash(resolved: dict) -> str:
+    """Fingerprint of everything that shapes a run's training, to never resume, skip or report a stale
+    one; here rather than in train.py so the report and the workflow compute it without importing torch."""
+    return hashlib.sha256(json.dumps(recipe_of(resolved), sort_keys=True).encode()).hexdigest()
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

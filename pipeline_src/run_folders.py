@@ -8,7 +8,6 @@ replaces a published result.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,6 @@ class RunFolderError(ValueError):
     """An output folder that would mix an ad-hoc recipe into the pipeline's results."""
 
 
-def recipe_hash(cfg: dict) -> str:
-    """Fingerprint of everything that shapes a run's training, to never resume or skip a stale one."""
-    return hashlib.sha256(json.dumps(P.recipe_of(cfg), sort_keys=True).encode()).hexdigest()
-
-
 def run_dir(params: dict, run: str, seed: int) -> Path:
     """The pipeline's folder of (run, seed)."""
     return Path(params["paths"]["runs"]) / run / f"seed{seed}"
@@ -38,7 +32,7 @@ def adhoc_dir(params: dict, run: str, seed: int, recipe: str) -> Path:
 
 def is_adhoc(cfg: dict, run: str) -> bool:
     """Whether `cfg` (resolved with --set overrides) trains another recipe than the params file gives `run`."""
-    return recipe_hash(cfg) != recipe_hash(P.resolve_run(P.load(cfg["_source"]), run))
+    return P.recipe_hash(cfg) != P.recipe_hash(P.resolve_run(P.load(cfg["_source"]), run))
 
 
 def _value(tree: dict, dotted: str) -> Any:
@@ -63,11 +57,11 @@ def output_dir(cfg: dict, run: str, seed: int, out: str | Path | None = None) ->
     pipeline = run_dir(cfg, run, seed)
     adhoc = is_adhoc(cfg, run)
     if out is None:
-        return adhoc_dir(cfg, run, seed, recipe_hash(cfg)) if adhoc else pipeline
+        return adhoc_dir(cfg, run, seed, P.recipe_hash(cfg)) if adhoc else pipeline
     out = Path(out)
     if adhoc and out.resolve() == pipeline.resolve():
         raise RunFolderError(
             f"--out {out} is the pipeline's folder of run '{run}', but the --set overrides change its "
-            f"recipe from {cfg['_source']}'s; pick another --out (or none: {adhoc_dir(cfg, run, seed, recipe_hash(cfg))})"
+            f"recipe from {cfg['_source']}'s; pick another --out (or none: {adhoc_dir(cfg, run, seed, P.recipe_hash(cfg))})"
         )
     return out

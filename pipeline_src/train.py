@@ -28,7 +28,7 @@ from pipeline_src import checkpoint, distributed, params as P, tracking
 from pipeline_src.io import write_json
 from pipeline_src.loader import make_train_loader, make_val_loader
 from pipeline_src.models import build_model
-from pipeline_src.run_folders import RunFolderError, output_dir, recipe_hash, run_dir, with_same_overrides
+from pipeline_src.run_folders import RunFolderError, output_dir, run_dir, with_same_overrides
 from pipeline_src.tricks.distillation import distillation_loss
 from pipeline_src.tricks.label_smoothing import smooth_targets, soft_target_cross_entropy
 from pipeline_src.tricks.linear_scaling import scaled_lr
@@ -168,7 +168,7 @@ def train(cfg: dict, run: str, seed: int, out: str | Path | None = None) -> dict
     out = output_dir(cfg, run, seed, out)
     if out != run_dir(cfg, run, seed) and os.environ.get("RANK", "0") == "0":
         print(f"{run} seed {seed}: not the recipe {cfg['_source']} gives this run, so writing to {out}")
-    recipe = recipe_hash(cfg)
+    recipe = P.recipe_hash(cfg)
     if is_finished(out, recipe):
         print(f"{out}: already finished with these params, skipping (delete it to re-train)")
         return json.loads((out / "metrics.json").read_text())

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from pipeline_src import params as P
-from pipeline_src.run_folders import adhoc_dir, is_adhoc, output_dir, recipe_hash, run_dir, with_same_overrides
+from pipeline_src.run_folders import adhoc_dir, is_adhoc, output_dir, run_dir, with_same_overrides
 from pipeline_src.train import main
 
 
@@ -23,10 +23,10 @@ def test_a_one_epoch_try_leaves_the_pipeline_folder_alone(micro, tmp_path, capsy
             "--set", "train.epochs=1"]
     assert main(argv) == 0
     cfg = P.resolve_run(P.load(micro, [f"paths.runs={runs}", "train.epochs=1"]), "baseline")
-    out = adhoc_dir(cfg, "baseline", 0, recipe_hash(cfg))
-    assert out == runs / "adhoc" / f"baseline-{recipe_hash(cfg)[:12]}" / "seed0"
+    out = adhoc_dir(cfg, "baseline", 0, P.recipe_hash(cfg))
+    assert out == runs / "adhoc" / f"baseline-{P.recipe_hash(cfg)[:12]}" / "seed0"
     assert str(out) in capsys.readouterr().out  # said at start where it goes
-    assert json.loads((out / "metrics.json").read_text())["recipe"] == recipe_hash(cfg)
+    assert json.loads((out / "metrics.json").read_text())["recipe"] == P.recipe_hash(cfg)
     assert (out / "model.pt").is_file()
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in pipeline.iterdir()} == before
     assert sorted(p.name for p in runs.iterdir()) == ["adhoc", "baseline"]
