@@ -282,7 +282,7 @@ def test_teacher_then_distilled_student_end_to_end(micro, tmp_path, capsys):
 
     def ours(name: str):
         [run] = [r for r in client.search_runs([exp.experiment_id], f"tags.run = '{name}'")
-                 if r.data.tags["run_dir"].startswith(str(tmp_path))]
+                 if r.data.tags.get("run_dir", "").startswith(str(tmp_path))]
         return run
 
     teacher_run, student_run = ours("teacher"), ours("t6-distill")
