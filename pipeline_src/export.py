@@ -8,6 +8,7 @@ The exported model takes a float batch (N, 3, res, res), normalized as the val p
 --res). Before the file is kept its logits are compared with the eager model's on a random batch of
 another size: TorchScript reloaded with torch.jit.load, ONNX run by ONNX Runtime (the `export`
 extra: onnx, onnxscript, onnxruntime). The output names the largest difference.
+TorchScript is deprecated by PyTorch (torch.jit warns in 2.14); it is here for existing C++/mobile users.
 """
 from __future__ import annotations
 
