@@ -331,6 +331,8 @@ def start_run(params: dict, run_name: str, seed: int, tags: dict[str, Any], enab
               resume: bool = True) -> Tracker:
     """The Tracker of (run, seed): resumes its unfinished MLflow run (if `resume`), else starts a new one.
 
+    The run folder, when `tags` has a `run_dir`, is part of the identity: an ad-hoc run never resumes
+    the pipeline's MLflow run of the same name, nor the other way round.
     Tags the run with run, seed, profile, git commit, the run's description and the caller's `tags`
     (beton sha256s), and logs `recipe_params(params)`. `enabled=False` (DDP ranks other than 0)
     gives a no-op.
@@ -344,15 +346,14 @@ def start_run(params: dict, run_name: str, seed: int, tags: dict[str, Any], enab
     with _store_lock(uri):
         client = _connect(uri)
         exp_id = _experiment_id(client, uri, experiment, create=True, location=artifact_location(params, uri))
-    filter_string = (
-        f"tags.run = {_quoted(run_name)} and tags.seed = {_quoted(str(seed))} "
-        f"and tags.profile = {_quoted(profile)}"
-    )
+    identity = {"run": run_name, "seed": str(seed), "profile": profile}
+    if "run_dir" in tags:  # an ad-hoc run (run_folders.py) is another MLflow run than the pipeline's
+        identity["run_dir"] = str(tags["run_dir"])
+    filter_string = " and ".join(f"tags.{key} = {_quoted(value)}" for key, value in identity.items())
     found = _store_call(
         uri, "searching runs", client.search_runs, [exp_id], filter_string,
         max_results=1, order_by=["attributes.start_time DESC"],
     )
-    identity = {"run": run_name, "seed": str(seed), "profile": profile}
     if resume and found and found[0].info.status != FINISHED:
         run_id = found[0].info.run_id
         client.update_run(run_id, status=RUNNING)

@@ -286,3 +286,14 @@ def test_a_stage_other_than_training_logs_no_run_definitions():
     base = params["study"]["single_trick"]["base"]
     assert tracking.description(_params("single-mixup")) == f"{base} + mixup (study.single_trick)"
     assert tracking.description(params) is None
+
+
+def test_an_adhoc_run_never_resumes_the_pipelines_mlflow_run(tmp_path):
+    params = _params("baseline", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    pipeline = tracking.start_run(params, "baseline", 0, {"run_dir": "data/runs/baseline/seed0"})  # killed
+    adhoc_dir = "data/runs/adhoc/baseline-0123456789ab/seed0"
+    adhoc = tracking.start_run(params, "baseline", 0, {"run_dir": adhoc_dir})
+    assert not adhoc.resumed and adhoc.run_id != pipeline.run_id
+    adhoc.finish(tracking.FAILED)
+    again = tracking.start_run(params, "baseline", 0, {"run_dir": "data/runs/baseline/seed0"})
+    assert again.resumed and again.run_id == pipeline.run_id  # not the newer, ad-hoc one
