@@ -233,9 +233,18 @@ def save_final_model(path: Path, model_state: dict, meta: dict) -> None:
     _save(Path(path), {"state_dict": model_state, "meta": meta})
 
 
+def load_file(path: Path) -> Any:
+    """Whatever a weights_only file holds, for callers that recognise several formats."""
+    return _load(path, "cpu")
+
+
 def load_model_weights(path: Path) -> tuple[dict, dict]:
     """(state_dict, meta) of a file written by `save_final_model`, validated."""
-    obj = _load(path, "cpu")
+    return final_model_of(_load(path, "cpu"), path)
+
+
+def final_model_of(obj: Any, path: Path) -> tuple[dict, dict]:
+    """(state_dict, meta) of what `load_file` read from a `save_final_model` file, validated."""
     if not isinstance(obj, dict) or "state_dict" not in obj or "meta" not in obj:
         is_training = isinstance(obj, dict) and "rng" in obj
         hint = " (a training checkpoint: read it with load_checkpoint)" if is_training else ""

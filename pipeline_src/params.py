@@ -202,6 +202,7 @@ SCHEMA: dict[str, Any] = {
     "tracking": {
         "uri": _str(nullable=True),
         "experiment": _str(),
+        "artifact_root": _str(nullable=True),
     },
     "transfer": {
         "backbones": _list(_str()),
@@ -584,6 +585,16 @@ def run_recipe(params: dict, run: str) -> tuple[list[str], dict[str, Any]]:
             sets.update(tricks[t])
         sets.update(runs[step]["set"])
     return names, sets
+
+
+def run_description(params: dict, run: str) -> str:
+    """A run's `description`; the generated single-/loo- runs say what they add or leave out."""
+    study = params["study"]
+    if run.startswith("single-"):
+        return f"{study['single_trick']['base']} + {run[len('single-'):]} (study.single_trick)"
+    if run.startswith("loo-"):
+        return f"{study['leave_one_out']['stack']} without {run[len('loo-'):]} (study.leave_one_out)"
+    return params["runs"][run]["description"]
 
 
 def resolve_run(params: dict, run: str) -> dict:

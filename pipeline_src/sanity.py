@@ -5,6 +5,7 @@
 
 A model that cannot memorise one batch has a bug (wrong labels, frozen layers, broken loss); the LR
 range test (Smith 2017) sweeps the LR exponentially and suggests one a little below the divergence.
+Its plot and curve go to <paths.reports>/sanity/ and to an MLflow run `sanity-lr-range/<run>`.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline_src import params as P
+from pipeline_src import params as P, tracking
 from pipeline_src.errors import InputError, run_main
 from pipeline_src.io import atomic_path, write_json
 from pipeline_src.loader import make_train_loader
@@ -141,6 +142,11 @@ def _check(args: argparse.Namespace) -> int:
     out = Path(cfg["paths"]["reports"]) / "sanity" / f"lr_range_{args.run}"
     plot_lr_range(result, out.with_suffix(".png"))
     write_json(out.with_suffix(".json"), result)
+    tags = {"check": "lr-range", "profile": cfg["profile"]["name"]}
+    with tracking.start_run(cfg, f"sanity-lr-range/{args.run}", args.seed, tags, resume=False) as tracker:
+        tracker.log_metrics({"suggested_lr": result["suggested_lr"], "min_loss_lr": result["min_loss_lr"]}, step=0)
+        tracker.log_artifact(out.with_suffix(".png"))
+        tracker.log_artifact(out.with_suffix(".json"))
     print(json.dumps({"run": args.run, "suggested_lr": result["suggested_lr"],
                       "min_loss_lr": result["min_loss_lr"], "plot": str(out.with_suffix(".png"))}))
     return 0

@@ -3,6 +3,8 @@
 One MLflow run per (run name, seed, profile), found again by its tags, so a killed and resumed
 training keeps logging into the same MLflow run. The store is checked at start, so a wrong URI fails
 in seconds instead of after an epoch of training (MLflow's own HTTP retries can take minutes).
+A run logs its own resolved recipe (not every other run's definition), its description, and at the
+end its model; the report and the LR range test log their figures as runs of their own.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +32,7 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
+from pipeline_src import params as P
 from pipeline_src.errors import InputError
 from pipeline_src.params import flatten
 
@@ -43,6 +47,10 @@ RETRY_FOR_S = 120.0
 RETRY_FIRST_WAIT_S = 1.0
 TRUNCATED = "...[truncated]"
 FINISHED, FAILED, RUNNING = "FINISHED", "FAILED", "RUNNING"
+MODEL_ARTIFACTS = "model"  # artifact folder of a run's final weights and their meta
+DESCRIPTION_TAG = "mlflow.note.content"  # what the MLflow UI shows as a run's description
+# Sections that define other runs, not the one being logged.
+RUN_DEFINITIONS = ("runs", "tricks", "study")
 
 
 class TrackingError(InputError, RuntimeError):
@@ -135,12 +143,39 @@ def _store_call(uri: str, what: str, fn, *args, **kwargs):
         ) from exc
 
 
-def _experiment_id(client: MlflowClient, uri: str, name: str, create: bool) -> str | None:
+def artifact_location(params: dict, uri: str) -> str | None:
+    """Where a new experiment keeps artifacts: `tracking.artifact_root`, else beside a SQLite store.
+
+    A relative root is taken from the repo root, not from the working directory; a URI (s3://,
+    mlflow-artifacts:/...) is used as given. None leaves the choice to the tracking server.
+    """
+    root = params["tracking"]["artifact_root"]
+    if root is None:
+        if not uri.startswith("sqlite:///"):
+            return None
+        return (_sqlite_path(uri).resolve().parent / ARTIFACT_DIR_NAME).as_uri()
+    if ":/" in root:
+        return root.rstrip("/")
+    path = Path(root).expanduser()
+    return (path if path.is_absolute() else REPO_ROOT / path).resolve().as_uri()
+
+
+def _check_location(uri: str, exp: Any, location: str | None) -> None:
+    """MLflow fixes an experiment's artifact folder at creation; refuse to log to another one silently."""
+    if location is None or exp.artifact_location.rstrip("/") == location:
+        return
+    raise TrackingError(
+        f"tracking store {uri}: experiment '{exp.name}' keeps its artifacts at {exp.artifact_location}, "
+        f"but tracking.artifact_root gives {location} (was the store made on another machine or path?); "
+        f"set tracking.artifact_root to {exp.artifact_location} to keep using it, or set "
+        "tracking.experiment to a new name to start an experiment there"
+    )
+
+
+def _experiment_id(client: MlflowClient, uri: str, name: str, create: bool,
+                   location: str | None = None) -> str | None:
     exp = _store_call(uri, f"reading experiment '{name}'", client.get_experiment_by_name, name)
     if exp is None and create:
-        location = None
-        if uri.startswith("sqlite:///"):
-            location = (_sqlite_path(uri).resolve().parent / ARTIFACT_DIR_NAME).as_uri()
         try:
             return client.create_experiment(name, artifact_location=location)
         except MlflowException as exc:
@@ -156,6 +191,8 @@ def _experiment_id(client: MlflowClient, uri: str, name: str, create: bool) -> s
             f"tracking store {uri}: experiment '{name}' is deleted; restore it "
             f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or set tracking.experiment"
         )
+    if create:
+        _check_location(uri, exp, location)
     return exp.experiment_id
 
 
@@ -287,11 +324,27 @@ class Tracker:
         for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
             self._client.log_batch(self.run_id, tags=chunk)
 
-    def log_artifact(self, path: str | Path) -> None:
-        """Upload a file; an outage past the retry time only warns (the file stays on disk)."""
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        """Upload a file (into `folder`); an outage past the retry time only warns (the file stays on disk)."""
         if self._client is None:
             return
-        _retried(f"logging artifact {path}", self._client.log_artifact, self.run_id, str(path))
+        _retried(f"logging artifact {path}", self._client.log_artifact, self.run_id, str(path), folder)
+
+    def log_model(self, model_file: str | Path, meta: dict) -> None:
+        """The final weights file and its meta (as JSON, for reading in the UI) under `model/`.
+
+        The file `checkpoint.save_final_model` wrote, not `mlflow.pytorch.log_model`: that pickles
+        the whole nn.Module (loading it needs weights_only=False and this package importable) and
+        infers pip requirements. This file loads with torch.load(weights_only=True) anywhere and
+        rebuilds with models.build_model(meta["model"], meta["num_classes"]).
+        """
+        if self._client is None:
+            return
+        self.log_artifact(model_file, MODEL_ARTIFACTS)
+        with tempfile.TemporaryDirectory() as tmp:
+            meta_file = Path(tmp) / "meta.json"
+            meta_file.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            self.log_artifact(meta_file, MODEL_ARTIFACTS)
 
     def finish(self, status: str = FINISHED) -> None:
         """Mark the run FINISHED or FAILED (after sending what an outage held back); later calls do nothing."""
@@ -323,12 +376,37 @@ class Tracker:
                   file=sys.stderr, flush=True)
 
 
+def recipe_params(params: dict) -> dict[str, Any]:
+    """What one run is logged with: its own resolved recipe, not the params file's other runs.
+
+    A training run (params resolved by P.resolve_run) logs its name, tricks and the sections it
+    trains with (P.recipe_of), plus the teacher section when it distils. Any other stage logs the
+    shared sections, without the run definitions and the per-run sections it does not train with.
+    """
+    if "run" in params:
+        tree = {"run": params["run"], **P.recipe_of(params)}
+        if params["train"]["distill"]:
+            tree["teacher"] = params["teacher"]
+    else:
+        skip = (*RUN_DEFINITIONS, *P.RUN_SECTIONS)
+        tree = {k: v for k, v in params.items() if k not in skip and not k.startswith("_")}
+    return flatten(tree)
+
+
+def description(params: dict) -> str | None:
+    """The params file's description of a resolved run, for the MLflow run's description."""
+    return P.run_description(params, params["run"]["name"]) if "run" in params else None
+
+
 def start_run(params: dict, run_name: str, seed: int, tags: dict[str, Any], enabled: bool = True,
               resume: bool = True) -> Tracker:
     """The Tracker of (run, seed): resumes its unfinished MLflow run (if `resume`), else starts a new one.
 
-    Tags the run with run, seed, profile, git commit and the caller's `tags` (beton sha256s), and
-    logs every key of `params` flattened. `enabled=False` (DDP ranks other than 0) gives a no-op.
+    The run folder, when `tags` has a `run_dir`, is part of the identity: an ad-hoc run never resumes
+    the pipeline's MLflow run of the same name, nor the other way round.
+    Tags the run with run, seed, profile, git commit, the run's description and the caller's `tags`
+    (beton sha256s), and logs `recipe_params(params)`. `enabled=False` (DDP ranks other than 0)
+    gives a no-op.
     """
     if not enabled:
         return Tracker()
@@ -338,16 +416,15 @@ def start_run(params: dict, run_name: str, seed: int, tags: dict[str, Any], enab
     _probe(uri)  # first: a clear error before any lock file is made
     with _store_lock(uri):
         client = _connect(uri)
-        exp_id = _experiment_id(client, uri, experiment, create=True)
-    filter_string = (
-        f"tags.run = {_quoted(run_name)} and tags.seed = {_quoted(str(seed))} "
-        f"and tags.profile = {_quoted(profile)}"
-    )
+        exp_id = _experiment_id(client, uri, experiment, create=True, location=artifact_location(params, uri))
+    identity = {"run": run_name, "seed": str(seed), "profile": profile}
+    if "run_dir" in tags:  # an ad-hoc run (run_folders.py) is another MLflow run than the pipeline's
+        identity["run_dir"] = str(tags["run_dir"])
+    filter_string = " and ".join(f"tags.{key} = {_quoted(value)}" for key, value in identity.items())
     found = _store_call(
         uri, "searching runs", client.search_runs, [exp_id], filter_string,
         max_results=1, order_by=["attributes.start_time DESC"],
     )
-    identity = {"run": run_name, "seed": str(seed), "profile": profile}
     if resume and found and found[0].info.status != FINISHED:
         run_id = found[0].info.run_id
         client.update_run(run_id, status=RUNNING)
@@ -355,9 +432,33 @@ def start_run(params: dict, run_name: str, seed: int, tags: dict[str, Any], enab
     else:
         run = client.create_run(exp_id, run_name=f"{run_name}-seed{seed}", tags=identity)
         tracker = Tracker(client, run.info.run_id)
-    tracker.set_tags({"git_commit": git_commit(), "params_file": params.get("_source", ""), **tags, **identity})
-    tracker._log_params({k: v for k, v in flatten(params).items() if not k.startswith("_")})
+    note = description(params)
+    tracker.set_tags({"git_commit": git_commit(), "params_file": params.get("_source", ""),
+                      **({DESCRIPTION_TAG: note} if note else {}), **tags, **identity})
+    tracker._log_params(recipe_params(params))
     return tracker
+
+
+def log_report(params: dict, files: Iterable[Path]) -> str:
+    """One finished MLflow run `report` per built report, holding its files (figures under figures/).
+
+    A run of its own, tagged run=report and the profile but no seed, so it is never read as a
+    training run; returns its id.
+    """
+    uri = resolve_uri(params)
+    _probe(uri)
+    with _store_lock(uri):
+        client = _connect(uri)
+        exp_id = _experiment_id(client, uri, params["tracking"]["experiment"], create=True,
+                                location=artifact_location(params, uri))
+    tags = {"run": "report", "profile": params["profile"]["name"], "git_commit": git_commit(),
+            "params_file": params.get("_source", ""), DESCRIPTION_TAG: params["profile"]["description"]}
+    run = _store_call(uri, "creating the report run", client.create_run, exp_id, run_name="report", tags=tags)
+    with Tracker(client, run.info.run_id) as tracker:
+        for path in files:
+            path = Path(path)
+            tracker.log_artifact(path, "figures" if path.suffix == ".png" else None)
+    return run.info.run_id
 
 
 def _history(client: MlflowClient, run_id: str, key: str) -> list[list[float]]:
@@ -390,6 +491,8 @@ def read_runs(params: dict) -> list[dict]:
             order_by=["attributes.start_time DESC"], page_token=token,
         )
         for run in page:
+            if "seed" not in run.data.tags:  # the report's own runs
+                continue
             key = (run.data.tags["run"], int(run.data.tags["seed"]))
             latest.setdefault(key, run)
         token = page.token

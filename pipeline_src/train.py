@@ -7,7 +7,8 @@
 
 The loop below is the paper's recipe with every trick a switch: linear scaling, warmup, zero gamma,
 no bias decay, mixed precision, step / cosine decay, label smoothing, mixup and distillation.
-Outputs: data/runs/<run>/seed<k>/{last.pt, model.pt, history.json, metrics.json}.
+Outputs: data/runs/<run>/seed<k>/{last.pt, model.pt, history.json, metrics.json}; a run whose --set
+overrides change its recipe writes to data/runs/adhoc/<run>-<hash>/seed<k>/ or --out DIR instead.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from pipeline_src.io import read_json, sha256, write_json
 from pipeline_src.loader import make_train_loader, make_val_loader
 from pipeline_src.locks import dir_lock
 from pipeline_src.models import build_model
+from pipeline_src.run_folders import output_dir, run_dir, with_same_overrides
 from pipeline_src.tricks.distillation import distillation_loss
 from pipeline_src.tricks.label_smoothing import smooth_targets, soft_target_cross_entropy
 from pipeline_src.tricks.linear_scaling import scaled_lr
@@ -49,14 +51,8 @@ class TrainInputError(InputError):
     """Something train needs is missing or does not fit (betons, teacher, device); says what to run."""
 
 
-def run_dir(params: dict, run: str, seed: int) -> Path:
-    return Path(params["paths"]["runs"]) / run / f"seed{seed}"
-
-
 def betons_dir(params: dict) -> Path:
     return Path(params["paths"]["data"]) / "betons"
-
-
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:
@@ -78,7 +74,8 @@ def read_classes(params: dict) -> list[str]:
 
 def load_teacher(params: dict, seed: int, wnids: list[str], device: torch.device) -> nn.Module:
     """The frozen teacher that the teacher stage left (trained or imported and already checked)."""
-    path = run_dir(params, params["teacher"]["run"], seed) / "model.pt"
+    name = params["teacher"]["run"]
+    path = output_dir(with_same_overrides(params, name), name, seed) / "model.pt"
     if not path.is_file():
         raise TrainInputError(f"{path} not found: run the teacher stage first (python -m pipeline_src.teacher)")
     state, meta = checkpoint.load_model_weights(path)
@@ -181,14 +178,18 @@ def check_batch_size(cfg: dict, betons: Path) -> None:
         )
 
 
-def train(cfg: dict, run: str, seed: int) -> dict | None:
+def train(cfg: dict, run: str, seed: int, out: str | Path | None = None) -> dict | None:
     """Train (or resume, or skip) one run; returns its final metrics on rank 0.
 
-    Rank 0 holds the run folder's lock throughout, so a second job of the same run and seed stops
-    at once ("in use by pid N") instead of overwriting this one's checkpoint.
+    `out` (--out) overrides the folder `run_folders.output_dir` picks. Rank 0 holds the run folder's
+    lock throughout, so a second job of the same run and seed stops at once ("in use by pid N")
+    instead of overwriting this one's checkpoint.
     """
-    out = run_dir(cfg, run, seed)
-    with dir_lock(out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+    out = output_dir(cfg, run, seed, out)
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if out != run_dir(cfg, run, seed) and rank0:
+        print(f"{run} seed {seed}: not the recipe {cfg['_source']} gives this run, so writing to {out}")
+    with dir_lock(out) if rank0 else contextlib.nullcontext():
         return _train(cfg, run, seed, out)
 
 
@@ -259,7 +260,7 @@ def _train(cfg: dict, run: str, seed: int, out: Path) -> dict | None:
         model, device_ids=[device.index] if device.type == "cuda" else None)
     compiled = torch.compile(net) if train_cfg["compile"] else net
     tags = {"run": run, "seed": str(seed), "profile": cfg["profile"]["name"], "precision_effective": precision,
-            **beton_tags(betons)}
+            "run_dir": str(out), **beton_tags(betons)}
     tracker = tracking.start_run(cfg, run, seed, tags, enabled=ddp.main, resume=state is not None)
     with tracker:
         tracker.log_history(history)  # epochs an outage or a kill kept out of the store
@@ -297,9 +298,8 @@ def _train(cfg: dict, run: str, seed: int, out: Path) -> dict | None:
             "wall_time_s": sum(h["epoch_time_s"] for h in history), "recipe": recipe,
             "precision": precision, "machine": hardware(device),
         }
-        checkpoint.save_final_model(out / "model.pt", model.state_dict(), {
-            "run": run, "seed": seed, "model": cfg["model"], "num_classes": num_classes, "wnids": wnids,
-        })
+        meta = {"run": run, "seed": seed, "model": cfg["model"], "num_classes": num_classes, "wnids": wnids}
+        checkpoint.save_final_model(out / "model.pt", model.state_dict(), meta)
         metrics["model_sha256"] = sha256(out / "model.pt")
         write_json(out / "history.json", {"run": run, "seed": seed, "tricks": cfg["run"]["tricks"],
                                           "epochs": history, "lr_curve": lr_curve,
@@ -309,6 +309,7 @@ def _train(cfg: dict, run: str, seed: int, out: Path) -> dict | None:
         numbers = {k: v for k, v in metrics.items() if k not in ("recipe", "precision", "machine", "model_sha256")}
         tracker.log_metrics({f"final_{k}": v for k, v in numbers.items()}, step=train_cfg["epochs"])
         tracker.log_artifact(out / "history.json")
+        tracker.log_model(out / "model.pt", meta)
     ckpt.unlink(missing_ok=True)  # model.pt holds the weights now; the resume state is spent
     return metrics
 
@@ -325,6 +326,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="a run name from params.yaml (runs, single-*, loo-*)")
     parser.add_argument("--seed", type=int, default=None, help="default: the first of study.seeds")
+    parser.add_argument("--out", default=None, help="output folder (default: paths.runs/<run>/seed<k>, or "
+                        "paths.runs/adhoc/<run>-<hash>/seed<k> when --set changes the run's recipe)")
     P.add_arguments(parser)
     return parser.parse_args(argv)
 
@@ -336,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         params = P.from_args(args)
         cfg = P.resolve_run(params, args.run)
         try:
-            train(cfg, args.run, params["study"]["seeds"][0] if args.seed is None else args.seed)
+            train(cfg, args.run, params["study"]["seeds"][0] if args.seed is None else args.seed, args.out)
         finally:
             distributed.teardown()
 

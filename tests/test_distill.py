@@ -12,6 +12,7 @@ import torch
 from pipeline_src import checkpoint, params as P
 from pipeline_src.loader import make_val_loader
 from pipeline_src.models import build_model
+from pipeline_src.run_folders import output_dir
 from pipeline_src.teacher import main as teacher_main
 from pipeline_src.train import (betons_dir, build_optimizer, evaluate, load_teacher, main as train_main,
                                 run_dir, train_one_epoch)
@@ -156,7 +157,9 @@ def test_teacher_stage_run_twice_keeps_the_imported_checkpoint(micro, tmp_path):
     source = _save(tmp_path / "mine.pt", model, cfg["model"], wnids)
     assert _import(micro, tmp_path, source, 2, "--set", "train.epochs=1") == 0
     assert _import(micro, tmp_path, source, 2, "--set", "train.epochs=1") == 0
-    out = run_dir(params, params["teacher"]["run"], 2)
+    adhoc = P.resolve_run(P.load(micro, [f"paths.runs={tmp_path / 'runs'}", "train.epochs=1"]), cfg["run"]["name"])
+    out = output_dir(adhoc, cfg["run"]["name"], 2)
+    assert out.parts[-3] == "adhoc"
     assert json.loads((out / "metrics.json").read_text()).get("source") == str(source)
     kept, _ = checkpoint.load_model_weights(out / "model.pt")
     for key, value in model.state_dict().items():
@@ -258,12 +261,16 @@ def test_teacher_then_distilled_student_end_to_end(micro, tmp_path, capsys):
     assert "run the teacher stage first" in capsys.readouterr().err
 
     assert teacher_main(sets) == 0
-    teacher_metrics = json.loads((run_dir(params, "teacher", 0) / "metrics.json").read_text())
+    # one epoch is not the file's recipe: both go to their ad-hoc folders, and find each other there
+    teacher_dir = output_dir(P.resolve_run(params, "teacher"), "teacher", 0)
+    student_dir = output_dir(P.resolve_run(params, "t6-distill"), "t6-distill", 0)
+    assert teacher_dir.parts[-3] == student_dir.parts[-3] == "adhoc"
+    teacher_metrics = json.loads((teacher_dir / "metrics.json").read_text())
     assert train_main([*sets, "--run", "t6-distill"]) == 0
-    student = json.loads((run_dir(params, "t6-distill", 0) / "metrics.json").read_text())
+    student = json.loads((student_dir / "metrics.json").read_text())
     assert 0 <= student["top1"] <= student["top5"] <= 100
-    _, meta = checkpoint.load_model_weights(run_dir(params, "t6-distill", 0) / "model.pt")
-    _, teacher_meta = checkpoint.load_model_weights(run_dir(params, "teacher", 0) / "model.pt")
+    _, meta = checkpoint.load_model_weights(student_dir / "model.pt")
+    _, teacher_meta = checkpoint.load_model_weights(teacher_dir / "model.pt")
     assert (meta["model"]["depth"], meta["model"]["width"]) != (teacher_meta["model"]["depth"],
                                                                 teacher_meta["model"]["width"])
 
@@ -272,7 +279,7 @@ def test_teacher_then_distilled_student_end_to_end(micro, tmp_path, capsys):
 
     def ours(name: str):
         [run] = [r for r in client.search_runs([exp.experiment_id], f"tags.run = '{name}'")
-                 if r.data.params["paths.runs"] == str(tmp_path)]
+                 if r.data.tags.get("run_dir", "").startswith(str(tmp_path))]
         return run
 
     teacher_run, student_run = ours("teacher"), ours("t6-distill")

@@ -4,6 +4,7 @@
 
 Writes `<paths.reports>/report.md`, `<paths.reports>/report.html` (self-contained) and
 `<paths.reports>/figures/*.png`, atomically. Identical inputs give identical files (no timestamps).
+The command (not `build`) then logs those files to an MLflow run `report`.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from pipeline_src import params as P
+from pipeline_src import params as P, tracking
 from pipeline_src.errors import run_main
 from pipeline_src.io import write_text
 from pipeline_src.report import plots, tables
@@ -337,7 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
-        for path in build(P.from_args(args)).values():
+        params = P.from_args(args)
+        written = build(params)
+        for path in written.values():
             print(f"report: wrote {path}")
+        try:
+            run_id = tracking.log_report(params, written.values())
+        except tracking.TrackingError as exc:
+            raise tracking.TrackingError(f"the report is written, but logging it to MLflow failed: {exc}") from exc
+        print(f"report: logged to MLflow run {run_id}")
 
     return run_main("report", body)

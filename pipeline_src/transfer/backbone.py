@@ -25,6 +25,7 @@ from pipeline_src.errors import DIVERGED, InputError, run_main
 from pipeline_src.io import read_json, sha256
 from pipeline_src import params as P
 from pipeline_src.models.resnet import ResNet
+from pipeline_src.run_folders import run_dir
 
 # The model keys that decide the shape of the weights; `init` and `zero_gamma` only shaped training.
 ARCH_KEYS = ("arch", "depth", "variant", "width")
@@ -80,7 +81,7 @@ def pick_device(params: dict) -> torch.device:
 
 
 def checkpoint_path(params: dict, run: str, seed: int) -> Path:
-    return Path(params["paths"]["runs"]) / run / f"seed{seed}" / checkpoint.FINAL_NAME
+    return run_dir(params, run, seed) / checkpoint.FINAL_NAME
 
 
 def result_dir(params: dict, task: str, run: str, seed: int) -> Path:
