@@ -9,6 +9,7 @@ lists and plain scalars only; the numpy and `random` RNG states are converted to
 """
 from __future__ import annotations
 
+import errno
 import pickle
 import random
 import re
@@ -18,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline_src.io import atomic_path
+from pipeline_src.errors import InputError
+from pipeline_src.io import MB, atomic_path, check_free_space, free_bytes, no_space, read_json, sha256
 
 LAST_NAME = "last.pt"
 FINAL_NAME = "model.pt"
@@ -32,7 +34,7 @@ META_KEYS = ("model", "num_classes", "wnids")
 _PLAIN = (bool, int, float, str, bytes, type(None), torch.dtype, torch.device)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint that cannot be written or read; the message names the file and what to do."""
 
 
@@ -102,10 +104,33 @@ def restore_rng_state(state: dict, generators: dict[str, torch.Generator]) -> No
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.nelement() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
 def _save(path: Path, obj: dict) -> None:
+    """Write beside the old file, then rename: until then both exist, so a save needs the new file's
+    size free next to the old one (twice the size of a checkpoint in all)."""
     _check_plain(obj, str(path))
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    need = _tensor_bytes(obj)
+    what = (f"saving {path} (the previous file stays until the new one is complete, so a checkpoint "
+            "needs twice its size on disk)")
+    check_free_space(path.parent, need, what)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+    except (RuntimeError, OSError) as exc:  # torch reports a full disk as "basic_ios::clear: iostream error"
+        full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        if full or free_bytes(path.parent) < need + need // 10 + MB:  # the estimate omits headers
+            raise no_space(path.parent, need, what) from exc
+        raise
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -125,13 +150,16 @@ def _load(path: Path, map_location: Any) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if refused is None:
+        if "Weights only load failed" not in str(exc):
             raise _corrupt(path, exc) from exc
+        # torch names the refused global as "Unsupported global: GLOBAL x.y" or, for a blocked
+        # module such as os or subprocess, "unsupported GLOBAL posix.system whose module ..."
+        refused = re.search(r"GLOBAL (\S+)", str(exc))
+        what = refused.group(1) if refused else "a call torch does not allow"
         raise CheckpointError(
-            f"{path}: refused: it holds a pickled Python object ({refused.group(1)}), and only "
-            "checkpoints that load with torch.load(weights_only=True) are accepted, because "
-            "unpickling can run arbitrary code. If you trust the file, convert it once: load it with "
+            f"{path}: refused: it holds a pickled Python object ({what}), code that "
+            "torch.load(weights_only=True) refuses to run, and only checkpoints that load that way are "
+            "accepted, because unpickling can run arbitrary code. If you trust the file, convert it once: load it with "
             "weights_only=False, keep only tensors, dicts, lists and plain numbers (e.g. "
             "model.state_dict()), and torch.save that"
         ) from exc
@@ -157,6 +185,22 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
         hint = " (a final model file: read it with load_model_weights)" if "meta" in state else ""
         raise CheckpointError(f"{path}: not a training checkpoint, it lacks key(s) {missing}{hint}")
     return state
+
+
+def finished_metrics(out: Path, recipe: str | None = None) -> dict | None:
+    """The metrics.json of a finished run folder, or None: it must be written for `recipe` (when
+    given) and record the sha256 of the model.pt beside it, so a truncated or replaced model.pt
+    is trained again instead of being skipped forever."""
+    metrics_path, model = Path(out) / "metrics.json", Path(out) / FINAL_NAME
+    if not (metrics_path.is_file() and model.is_file()):
+        return None
+    metrics = read_json(metrics_path)
+    if recipe is not None and metrics.get("recipe") != recipe:
+        return None
+    if metrics.get("model_sha256") != sha256(model):
+        print(f"{model}: does not match the sha256 in {metrics_path} (truncated or replaced); running again")
+        return None
+    return metrics
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -189,9 +233,18 @@ def save_final_model(path: Path, model_state: dict, meta: dict) -> None:
     _save(Path(path), {"state_dict": model_state, "meta": meta})
 
 
+def load_file(path: Path) -> Any:
+    """Whatever a weights_only file holds, for callers that recognise several formats."""
+    return _load(path, "cpu")
+
+
 def load_model_weights(path: Path) -> tuple[dict, dict]:
     """(state_dict, meta) of a file written by `save_final_model`, validated."""
-    obj = _load(path, "cpu")
+    return final_model_of(_load(path, "cpu"), path)
+
+
+def final_model_of(obj: Any, path: Path) -> tuple[dict, dict]:
+    """(state_dict, meta) of what `load_file` read from a `save_final_model` file, validated."""
     if not isinstance(obj, dict) or "state_dict" not in obj or "meta" not in obj:
         is_training = isinstance(obj, dict) and "rng" in obj
         hint = " (a training checkpoint: read it with load_checkpoint)" if is_training else ""

@@ -17,10 +17,12 @@ from typing import Any, Callable
 
 import yaml
 
+from pipeline_src.errors import InputError
+
 DEFAULT_PARAMS = "params.yaml"
 
 
-class ParamsError(ValueError):
+class ParamsError(InputError, ValueError):
     """A params file or override that does not validate; the message says where and what to do."""
 
 
@@ -202,6 +204,7 @@ SCHEMA: dict[str, Any] = {
     "tracking": {
         "uri": _str(nullable=True),
         "experiment": _str(),
+        "artifact_root": _str(nullable=True),
     },
     "transfer": {
         "backbones": _list(_str()),
@@ -448,9 +451,44 @@ def _lineage(runs: dict, name: str, src: str) -> list[str]:
     return chain[::-1]
 
 
-def parse_value(text: str) -> Any:
+def _check_sizes(params: dict, src: str) -> None:
+    synthetic = params["synthetic"]
+    if synthetic["min_size"] > synthetic["max_size"]:
+        raise ParamsError(
+            f"{src}: key 'synthetic.min_size' ({synthetic['min_size']}) is above 'synthetic.max_size' "
+            f"({synthetic['max_size']}); set min_size <= max_size"
+        )
+
+
+def _check_schedule(resolved: dict) -> None:
+    """Rules between train keys, on a run as resolved: its tricks, `set:` and --set change them."""
+    train, run = resolved["train"], resolved["run"]["name"]
+    where = f"{resolved['_source']}: run '{run}'"
+    epochs, warmup = train["epochs"], train["warmup_epochs"]
+    if warmup >= epochs:
+        raise ParamsError(
+            f"{where}: key 'train.warmup_epochs' ({warmup:g}) must be below 'train.epochs' ({epochs}); "
+            "shorten the warmup or train longer"
+        )
+    outside = [m for m in train["step_milestones"] if not warmup < m < epochs]
+    if train["schedule"] == "step" and outside:
+        raise ParamsError(
+            f"{where}: key 'train.step_milestones' {train['step_milestones']} has {outside} outside "
+            f"(warmup_epochs, epochs) = ({warmup:g}, {epochs}); each LR decay must fall after the warmup "
+            "and before the last epoch (with --set train.epochs=N, set train.step_milestones too)"
+        )
+
+
+def parse_value(text: str, assignment: str = "") -> Any:
     """A --set value is YAML: `3`, `0.1`, `true`, `null`, `[1, 2]`, `cosine`."""
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = str(exc).splitlines()[0]
+        raise ParamsError(
+            f"--set '{assignment or text}': the value is not valid YAML ({problem}); write lists as "
+            "[1, 2] and quote strings holding ':' or '#'"
+        ) from exc
 
 
 def apply_set(raw: dict, assignment: str) -> None:
@@ -463,7 +501,35 @@ def apply_set(raw: dict, assignment: str) -> None:
     parts = dotted.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
-    node[parts[-1]] = parse_value(text)
+    node[parts[-1]] = parse_value(text, assignment)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error, not the last value."""
+
+    src = "<params>"
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ParamsError(
+                    f"{self.src}: line {line}: key '{key}' is given twice in one mapping "
+                    f"(first on line {seen[key]}); YAML would silently keep the last value, delete one"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(text: str, src: str) -> Any:
+    loader = _UniqueKeyLoader(text)
+    loader.src = src
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def load(path: str | Path = DEFAULT_PARAMS, sets: list[str] | tuple[str, ...] = ()) -> dict:
@@ -473,7 +539,9 @@ def load(path: str | Path = DEFAULT_PARAMS, sets: list[str] | tuple[str, ...] = 
     if not path.is_file():
         raise ParamsError(f"{src}: params file not found; pass --params FILE or run from the repo root")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = _read_yaml(path.read_text(encoding="utf-8"), src)
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{src}: not UTF-8 text ({exc}); save the file as UTF-8") from exc
     except yaml.YAMLError as exc:
         raise ParamsError(f"{src}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
@@ -485,6 +553,7 @@ def load(path: str | Path = DEFAULT_PARAMS, sets: list[str] | tuple[str, ...] = 
     _check_transfer(params, src)
     params["_source"] = src
     params["_sets"] = [a.split("=", 1)[0] for a in sets]
+    _check_sizes(params, src)
     return params
 
 
@@ -527,6 +596,16 @@ def run_recipe(params: dict, run: str) -> tuple[list[str], dict[str, Any]]:
     return names, sets
 
 
+def run_description(params: dict, run: str) -> str:
+    """A run's `description`; the generated single-/loo- runs say what they add or leave out."""
+    study = params["study"]
+    if run.startswith("single-"):
+        return f"{study['single_trick']['base']} + {run[len('single-'):]} (study.single_trick)"
+    if run.startswith("loo-"):
+        return f"{study['leave_one_out']['stack']} without {run[len('loo-'):]} (study.leave_one_out)"
+    return params["runs"][run]["description"]
+
+
 def resolve_run(params: dict, run: str) -> dict:
     """The params one run trains with: shared sections plus its tricks and `set` applied."""
     names, sets = run_recipe(params, run)
@@ -541,6 +620,7 @@ def resolve_run(params: dict, run: str) -> dict:
             node = node[part]
         node[parts[-1]] = value
     resolved["run"] = {"name": run, "tricks": names}
+    _check_schedule(resolved)
     return resolved
 
 

@@ -7,18 +7,25 @@ Why it is built this way:
   one process, a pool of `prepare.num_workers` processes decodes the images ahead of it in order,
   and the global RNG is seeded from (`prepare.seed`, image index) just before ffcv encodes an image.
 - Fail fast. Every image is decoded before any beton is written, and all broken files are reported
-  in one message (or skipped and listed, with `data.on_corrupt: skip`).
-- Atomic. Betons and `classes.json` go through temp files renamed at the end; `manifest.json` is
-  written last and is the only "done" marker. A re-run whose inputs, settings and checksums match
-  the manifest does nothing.
+  in one message (or skipped and listed, with `data.on_corrupt: skip`). The free space the betons
+  need is checked before writing, and a writer process that dies (a full disk) ends the stage at
+  once instead of leaving ffcv's parent loop waiting forever.
+- Atomic. One prepare per data dir (`locks.dir_lock`). The new betons and `classes.json` are written
+  as temp files beside the old set, which stays usable until all three are complete and renamed over
+  it; `manifest.json` is written last and is the only "done" marker. A re-run whose inputs, settings
+  and checksums match the manifest does nothing.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
+import errno
 import hashlib
 import json
 import multiprocessing as mp
+import os
+import queue
 import sys
 import time
 import traceback
@@ -32,8 +39,10 @@ import numpy as np
 from PIL import Image
 
 from pipeline_src import params as P
+from pipeline_src.errors import InputError, run_main
 from pipeline_src.ffcv_import import import_ffcv
-from pipeline_src.io import atomic_path, write_json
+from pipeline_src.io import MB, DiskFullError, atomic_path, check_free_space, free_bytes, sha256, write_json
+from pipeline_src.locks import dir_lock
 
 # The extensions torchvision's ImageFolder accepts; anything else (and any dotfile) is not an image.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -44,9 +53,15 @@ SPLITS = ("train", "val")
 OUTPUTS = ("classes.json", "train.beton", "val.beton")
 MANIFEST = "manifest.json"
 DECODE_BLOCK = 256  # images decoded ahead of the writer; bounds memory, does not change the output
+PAGE_SIZE = 8 * MB  # ffcv's default page; each page is written whole, however little it holds
+JPEG_RATIO = 10  # raw pixels over JPEG bytes at ImageNet's quality, for the free-space estimate
+METADATA_BYTES = 64  # per image: ffcv's metadata row and allocation-table entry, rounded up
+PROGRESS_EVERY_S = 30.0  # a progress line this often when stderr is not a terminal
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+REFUSED_MODES = {"I": "32-bit integer", "F": "32-bit float"}
 
 
-class PrepareError(RuntimeError):
+class PrepareError(InputError, RuntimeError):
     """Bad input for the prepare stage; the message names the path and what to do."""
 
 
@@ -66,6 +81,7 @@ class ImageNetScan:
     val: list[Item]
     names: list[str | None]
     label_files: list[Path] = field(default_factory=list)  # CSVs the labels came from
+    odd: list[tuple[Path, str]] = field(default_factory=list)  # named like images but no image file
 
 
 # ---------------------------------------------------------------- scanning the folders
@@ -78,9 +94,33 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
+def _not_a_file(path: Path) -> str | None:
+    """Why an entry named like an image is no image file (a folder, a broken or looping symlink), or None."""
+    if path.is_file():
+        return None
+    if path.is_dir():
+        return "a folder, not an image file (its contents are scanned as usual)"
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop"
+        return f"broken symlink (target {os.readlink(path)} not found)" if path.is_symlink() else str(exc)
+    return "not a regular file"
+
+
+def _image_entries(folder: Path) -> list[Path]:
+    """Everything named like an image anywhere below `folder`, skipping dotfiles and hidden folders."""
+    return sorted(p for p in folder.rglob("*") if _is_image(p) and _visible(p, folder))
+
+
 def _image_files(folder: Path) -> list[Path]:
-    """Images anywhere below `folder` (like ImageFolder), skipping dotfiles and hidden folders."""
-    return sorted(p for p in folder.rglob("*") if _is_image(p) and _visible(p, folder) and p.is_file())
+    """Images anywhere below `folder` (like ImageFolder); `_odd_entries` reports what this leaves out."""
+    return [p for p in _image_entries(folder) if p.is_file()]
+
+
+def _odd_entries(split_dir: Path) -> list[tuple[Path, str]]:
+    return [(p, why) for p in _image_entries(split_dir) if (why := _not_a_file(p)) is not None]
 
 
 def _class_dirs(split_dir: Path) -> list[Path]:
@@ -204,47 +244,65 @@ def scan_imagenet(root: Path) -> ImageNetScan:
     wnids = sorted(train)
     index = {w: i for i, w in enumerate(wnids)}
     return ImageNetScan(root, wnids, _labelled(train, index), _labelled(val, index),
-                        _read_names(root, wnids), label_files)
+                        _read_names(root, wnids), label_files, _odd_entries(train_dir) + _odd_entries(val_dir))
 
 
 # ---------------------------------------------------------------- checking and decoding images
 
-def image_problem(path: Path, draft_size: int) -> str | None:
-    """Why `path` cannot be used as an RGB image, or None. Decodes the whole file.
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """HxWx3 uint8. 16-bit greyscale is scaled to 8 bits (PIL's convert("RGB") clips it, turning a
+    16-bit PNG almost white); every other mode goes through convert("RGB"), which drops alpha as
+    torchvision's `pil_loader` does. 32-bit modes are refused by `image_problem` before this runs.
+    """
+    if img.mode in SIXTEEN_BIT_MODES:
+        grey = np.asarray(img).astype(np.uint32)
+        eight = ((grey * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(eight[:, :, None], 3, axis=2)
+    return np.asarray(img.convert("RGB"))
+
+
+def inspect_image(path: Path, draft_size: int) -> tuple[str | None, tuple[int, int]]:
+    """(why `path` cannot be used as an RGB image or None, its width and height). Decodes the whole file.
 
     JPEGs decode at a reduced DCT scale (`draft`), which still reads all the compressed data, so
     truncation and corruption show up at a fraction of the cost of a full-size decode.
     """
+    size = (0, 0)
     try:
         if path.stat().st_size == 0:
-            return "empty file (0 bytes)"
+            return "empty file (0 bytes)", size
         with Image.open(path) as img:
+            size = img.size
+            if img.mode in REFUSED_MODES:
+                return (f"unsupported image mode {img.mode} ({REFUSED_MODES[img.mode]}): it has no fixed "
+                        "white level to map to 8 bits; convert it to 8- or 16-bit RGB or greyscale"), size
             img.draft("RGB", (draft_size, draft_size))
-            img.convert("RGB")
+            to_rgb(img)
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, struct.error, ...)
-        return f"unreadable ({type(exc).__name__}: {exc})"
-    return None
+        return f"unreadable ({type(exc).__name__}: {exc})", size
+    return None, size
 
 
-def find_bad_images(paths: list[Path], workers: int, draft_size: int) -> list[tuple[Path, str]]:
-    """(path, reason) of every image that does not decode, checked by `workers` processes."""
+def inspect_images(paths: list[Path], workers: int, draft_size: int) -> tuple[list[tuple[Path, str]], list]:
+    """(path, reason) of every image that does not decode, and every image's (width, height)."""
     with mp.Pool(workers) as pool:
-        problems = pool.map(partial(image_problem, draft_size=draft_size), paths, chunksize=32)
-    return [(p, why) for p, why in zip(paths, problems) if why is not None]
+        found = pool.map(partial(inspect_image, draft_size=draft_size), paths, chunksize=32)
+    bad = [(p, why) for p, (why, _) in zip(paths, found) if why is not None]
+    return bad, [size for _, size in found]
 
 
 def load_rgb(path: Path, max_resolution: int) -> np.ndarray:
     """HxWx3 uint8 RGB, longest side at most `max_resolution`, resized by ffcv's own `resizer` (so the
     writer's resize is then a no-op and the pixels are what the stock writer would store).
 
-    CMYK, grayscale, palette and RGBA images (and PNGs named .JPEG) become RGB; alpha is dropped,
-    as torchvision's `pil_loader` and OpenCV's `imread` do.
+    CMYK, grayscale, 16-bit, palette and RGBA images (and PNGs named .JPEG) become RGB (`to_rgb`).
+    EXIF orientation is not applied, as torchvision's ImageFolder does not apply it.
     """
     import_ffcv()
     from ffcv.fields.rgb_image import resizer
 
     with Image.open(path) as img:
-        rgb = np.asarray(img.convert("RGB"))
+        rgb = to_rgb(img)
     return resizer(rgb, max_resolution)
 
 
@@ -275,7 +333,7 @@ class DecodedAhead:
     `RGBImageField.encode` draws from in 'proportion' mode, so the JPEG-or-raw choice of each image
     depends only on the seed and its index. A sample that cannot be produced (its file changed since
     validation, or anything else goes wrong) becomes a 1x1 placeholder and its index is recorded in
-    `failed`: an exception raised here would kill ffcv's worker and leave its parent waiting forever.
+    `failed`, so the error names the file (an exception raised here would only kill ffcv's worker).
     """
 
     def __init__(self, items: list[Item], max_resolution: int, workers: int, seed: int, failed):
@@ -316,11 +374,118 @@ class DecodedAhead:
 
 # ---------------------------------------------------------------- writing
 
-def write_beton(path: Path, items: list[Item], settings: dict) -> None:
+class Progress:
+    """Images written and images/s: a bar redrawn in place on a terminal, else a line every
+    `every_s` seconds (Snakemake and log files get no carriage-return noise)."""
+
+    def __init__(self, name: str, total: int, every_s: float = PROGRESS_EVERY_S, stream=None):
+        self.name, self.total, self.every_s = name, total, every_s
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int, final: bool = False) -> None:
+        now = time.perf_counter()
+        if not final and now - self.last < (0.5 if self.tty else self.every_s):
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        text = (f"prepare: {self.name}: {done}/{self.total} images, {rate:.0f} images/s, "
+                f"ETA {eta:.0f} s" if not final else
+                f"prepare: {self.name}: {done} images in {now - self.start:.1f} s, {rate:.0f} images/s")
+        if self.tty:
+            width = 24
+            filled = int(width * done / max(self.total, 1))
+            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {text}" + ("\n" if final else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def watched_writer(path: Path, fields: dict, name: str):
+    """ffcv's `DatasetWriter`, except that the parent watches its writer process: ffcv's own loop
+    waits for a sample count that a dead worker (ENOSPC in `flush_page`, a crash) never reaches,
+    so it hangs forever. Here a dead worker ends the write at once with an error. It also reports
+    progress in our format instead of ffcv's tqdm bar."""
+    import_ffcv()
+    from ffcv.writer import DatasetWriter
+
+    class WatchedWriter(DatasetWriter):
+        def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
+            _write_watched(self, name, num_samples, queue_content, work_fn, extra_worker_args)
+
+    # One writer process: with more, page order depends on process timing (see the module doc).
+    return WatchedWriter(str(path), fields, page_size=PAGE_SIZE, num_workers=1)
+
+
+def _write_watched(writer, name: str, num_samples: int, queue_content, work_fn, extra_worker_args) -> None:
+    """ffcv 1.0.2's `DatasetWriter._write_common` with a liveness check and our progress report."""
+    from ffcv.memory_allocator import MemoryAllocator
+
+    writer.num_samples = num_samples
+    writer.prepare()
+    work = mp.Queue()
+    for todo in queue_content:
+        work.put(todo)
+    allocations = mp.Queue()
+    for _ in range(writer.num_workers):
+        work.put(None)
+    done = mp.Value(ctypes.c_uint64, 0)
+    allocator = MemoryAllocator(writer.fname, writer.data_region_start, writer.page_size)
+    args = (work, writer.metadata_sm, writer.metadata_type, writer.fields, allocator, done, allocations,
+            *extra_worker_args)
+    processes = [mp.Process(target=work_fn, args=args) for _ in range(writer.num_workers)]
+    for proc in processes:
+        proc.start()
+    progress = Progress(name, num_samples)
+    try:
+        collected: list = []
+        while len(collected) < len(processes):  # each worker sends its allocations as it ends
+            try:
+                collected.append(allocations.get(timeout=0.1))
+                continue
+            except queue.Empty:
+                pass
+            progress.update(done.value)
+            dead = [p for p in processes if p.exitcode not in (None, 0)]
+            if dead:
+                raise WriterDied(dead[0].exitcode)
+        progress.update(done.value, final=True)
+        writer.finalize([a for content in collected for a in content])
+    finally:
+        for proc in processes:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+        writer.metadata_sm.close()
+        writer.metadata_sm.unlink()
+
+
+class WriterDied(PrepareError):
+    """ffcv's writer process exited with an error (its traceback is printed above)."""
+
+    def __init__(self, exitcode: int):
+        super().__init__(f"ffcv's writer process exited with status {exitcode}")
+        self.exitcode = exitcode
+
+
+def beton_bytes(sizes: list[tuple[int, int]], settings: dict) -> int:
+    """About how large ffcv's file of images of these sizes will be: whole pages of stored pixels
+    (raw bytes, or about a tenth of them when JPEG-encoded) plus per-image metadata."""
+    raw = 0
+    for width, height in sizes:
+        ratio = min(1.0, settings["max_resolution"] / max(width, height, 1))
+        raw += int(ratio * width) * int(ratio * height) * 3  # ffcv's resizer truncates the same way
+    jpeg = {"raw": 0.0, "jpg": 1.0, "proportion": settings["compress_probability"]}[settings["write_mode"]]
+    data = raw * (1 - jpeg) + raw * jpeg / JPEG_RATIO
+    return max(1, -(-int(data) // PAGE_SIZE)) * PAGE_SIZE + len(sizes) * METADATA_BYTES
+
+
+def write_beton(path: Path, items: list[Item], settings: dict, name: str = "beton") -> None:
     """Write `items` to an ffcv file at `path`, byte for byte the same on every run."""
     import_ffcv()
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
 
     failed = mp.Value("q", -1)
     dataset = DecodedAhead(items, settings["max_resolution"], settings["num_workers"], settings["seed"],
@@ -332,8 +497,18 @@ def write_beton(path: Path, items: list[Item], settings: dict) -> None:
         ),
         "label": IntField(),
     }
-    # One writer process: with more, page order depends on process timing (see the module doc).
-    DatasetWriter(str(path), fields, num_workers=1).from_indexed_dataset(dataset)
+    writer = watched_writer(path, fields, name)
+    try:
+        writer.from_indexed_dataset(dataset)
+    except WriterDied as exc:
+        free = free_bytes(path.parent)
+        if free < PAGE_SIZE:  # the worker could not write its next page
+            raise DiskFullError(
+                f"no space left on {path.parent}: writing {name} stopped with {free / MB:.1f} MB free; "
+                f"a beton needs whole {PAGE_SIZE // MB} MB pages; free some space or point paths.data at a "
+                "larger disk, then re-run"
+            ) from exc
+        raise PrepareError(f"{path}: {exc}; any traceback is printed above; re-run prepare") from exc
     if failed.value >= 0:
         raise PrepareError(
             f"{items[failed.value].path}: writing failed at this image although it passed validation "
@@ -348,14 +523,6 @@ def count_jpeg(path: Path) -> int:
 
     modes = Reader(str(path)).metadata["f0"]["mode"]  # f0: the image field, written first
     return int((modes == 0).sum())  # ffcv's IMAGE_MODES: 0 = jpg, 1 = raw
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def input_fingerprint(scan: ImageNetScan) -> str:
@@ -386,10 +553,9 @@ def is_prepared(out: Path, expected: dict) -> bool:
     return all((out / name).is_file() and recorded.get(name) == sha256(out / name) for name in OUTPUTS)
 
 
-def _clear(out: Path) -> None:
-    """Remove the done marker first, then old outputs and temp files a killed run left behind."""
+def _remove_temp_files(out: Path) -> None:
+    """Temp files a killed run left behind (only ever called under the data dir's lock)."""
     for name in (MANIFEST,) + OUTPUTS:
-        (out / name).unlink(missing_ok=True)
         for stale in out.glob(f".{name}.*.tmp"):
             stale.unlink(missing_ok=True)
 
@@ -419,21 +585,30 @@ def _settings(params: dict) -> dict:
     return {**params["prepare"], "on_corrupt": params["data"]["on_corrupt"]}
 
 
-def _check_images(scan: ImageNetScan, settings: dict) -> list[dict]:
-    """Decode every image; raise listing all bad ones, or drop them from `scan` and return them."""
+def _check_images(scan: ImageNetScan, settings: dict) -> tuple[list[dict], list[tuple[int, int]]]:
+    """Decode every image; raise listing all bad ones (broken symlinks too), or drop them from `scan`.
+
+    Returns what the manifest lists as skipped (with `data.on_corrupt: skip` the bad files; always
+    the folders named like images) and the (width, height) of every image kept.
+    """
     items = scan.train + scan.val
-    bad = find_bad_images([i.path for i in items], settings["num_workers"], settings["max_resolution"])
-    if not bad:
-        return []
-    lines = "\n".join(f"  {path}: {reason}" for path, reason in bad)
-    if settings["on_corrupt"] == "error":
-        raise PrepareError(
-            f"{len(bad)} unreadable image file(s) under {scan.root}:\n{lines}\n"
-            "Replace or delete them, or set data.on_corrupt=skip to leave them out "
-            "(they are then listed in manifest.json)."
-        )
-    print(f"prepare: skipping {len(bad)} unreadable image file(s) (data.on_corrupt=skip):\n{lines}")
+    bad, sizes = inspect_images([i.path for i in items], settings["num_workers"], settings["max_resolution"])
+    folders = [(p, why) for p, why in scan.odd if p.is_dir()]
+    bad += [(p, why) for p, why in scan.odd if not p.is_dir()]
+    if folders:
+        print(f"prepare: {len(folders)} folder(s) named like images (listed in {MANIFEST}):\n"
+              + "\n".join(f"  {path}" for path, _ in folders))
+    if bad:
+        lines = "\n".join(f"  {path}: {reason}" for path, reason in bad)
+        if settings["on_corrupt"] == "error":
+            raise PrepareError(
+                f"{len(bad)} unreadable image file(s) under {scan.root}:\n{lines}\n"
+                "Replace or delete them, or set data.on_corrupt=skip to leave them out "
+                "(they are then listed in manifest.json)."
+            )
+        print(f"prepare: skipping {len(bad)} unreadable image file(s) (data.on_corrupt=skip):\n{lines}")
     dropped = {path for path, _ in bad}
+    sizes = [size for item, size in zip(items, sizes) if item.path not in dropped]
     scan.train = [i for i in scan.train if i.path not in dropped]
     scan.val = [i for i in scan.val if i.path not in dropped]
     missing = sorted(set(scan.wnids) - {scan.wnids[i.label] for i in scan.train})
@@ -441,7 +616,8 @@ def _check_images(scan: ImageNetScan, settings: dict) -> list[dict]:
         raise PrepareError(f"{scan.root / 'train'}: class(es) {missing} have no readable images left")
     if not scan.val:
         raise PrepareError(f"{scan.root / 'val'}: no readable images left")
-    return [{"file": str(path.relative_to(scan.root)), "reason": reason} for path, reason in bad]
+    skipped = [{"file": str(path.relative_to(scan.root)), "reason": reason} for path, reason in bad + folders]
+    return skipped, sizes
 
 
 def _split_summary(items: list[Item], wnids: list[str], beton: Path) -> dict:
@@ -455,15 +631,22 @@ def _software() -> dict:
 
 
 def _write_outputs(scan: ImageNetScan, out: Path, settings: dict) -> None:
+    """Write the new set beside the old one, then swap it in: a killed re-prepare keeps the old set."""
     classes = {"wnids": scan.wnids, "names": scan.names}
     with atomic_path(out / "classes.json") as classes_tmp, \
             atomic_path(out / "train.beton") as train_tmp, atomic_path(out / "val.beton") as val_tmp:
         classes_tmp.write_text(json.dumps(classes, indent=2) + "\n")
         for split, tmp in (("train", train_tmp), ("val", val_tmp)):
-            items = getattr(scan, split)
-            start = time.perf_counter()
-            write_beton(tmp, items, settings)
-            print(f"prepare: wrote {split}.beton: {len(items)} images in {time.perf_counter() - start:.1f} s")
+            write_beton(tmp, getattr(scan, split), settings, f"{split}.beton")
+        # The old set stops counting as done just before the three renames that replace it.
+        (out / MANIFEST).unlink(missing_ok=True)
+
+
+def _check_space(out: Path, sizes: list[tuple[int, int]], scan: ImageNetScan, settings: dict) -> None:
+    """Both new betons must fit beside the old ones (kept until the new set is complete)."""
+    n_train = len(scan.train)
+    need = beton_bytes(sizes[:n_train], settings) + beton_bytes(sizes[n_train:], settings)
+    check_free_space(out, need, f"writing {len(sizes)} images into train.beton and val.beton")
 
 
 def prepare(params: dict) -> Path:
@@ -477,19 +660,20 @@ def prepare(params: dict) -> Path:
         print(f"prepare: {out} is up to date (inputs, settings and checksums match {MANIFEST}); "
               "nothing to do")
         return out
-    skipped = _check_images(scan, settings)
-    out.mkdir(parents=True, exist_ok=True)
-    _clear(out)
-    _write_outputs(scan, out, settings)
-    manifest = {
-        **expected,
-        "classes": len(scan.wnids),
-        "splits": {s: _split_summary(getattr(scan, s), scan.wnids, out / f"{s}.beton") for s in SPLITS},
-        "sha256": {name: sha256(out / name) for name in OUTPUTS},
-        "skipped": skipped,
-        "software": _software(),
-    }
-    write_json(out / MANIFEST, manifest)
+    skipped, sizes = _check_images(scan, settings)
+    with dir_lock(out):
+        _remove_temp_files(out)
+        _check_space(out, sizes, scan, settings)
+        _write_outputs(scan, out, settings)
+        manifest = {
+            **expected,
+            "classes": len(scan.wnids),
+            "splits": {s: _split_summary(getattr(scan, s), scan.wnids, out / f"{s}.beton") for s in SPLITS},
+            "sha256": {name: sha256(out / name) for name in OUTPUTS},
+            "skipped": skipped,
+            "software": _software(),
+        }
+        write_json(out / MANIFEST, manifest)
     print(f"prepare: {out}: {len(scan.train)} train, {len(scan.val)} val images, {len(scan.wnids)} classes")
     return out
 
@@ -498,12 +682,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="ILSVRC2012 folders -> FFCV betons + manifest")
     P.add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         prepare(P.from_args(args))
-    except (PrepareError, P.ParamsError) as exc:
-        print(f"prepare: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_main("prepare", body)
 
 
 if __name__ == "__main__":

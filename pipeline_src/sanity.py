@@ -6,6 +6,7 @@
 
 A model that cannot memorise one batch has a bug (wrong labels, frozen layers, broken loss); the LR
 range test (Smith 2017) sweeps the LR exponentially and suggests one a little below the divergence.
+Its plot and curve go to <paths.reports>/sanity/ and to an MLflow run `sanity-lr-range/<run>`.
 The geometry check catches inputs too small for the stem: it prints each stage's feature-map side
 and the share of input pixels whose gradient reaches the logits at initialisation (with zero gamma
 only the shortcuts carry signal then, and strided 1x1 shortcuts see only every other pixel).
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline_src import params as P
+from pipeline_src import params as P, tracking
+from pipeline_src.errors import InputError, run_main
 from pipeline_src.io import atomic_path, write_json
 from pipeline_src.loader import make_train_loader
 from pipeline_src.models import build_model
@@ -33,7 +35,7 @@ def _setup(cfg: dict, seed: int) -> tuple[torch.nn.Module, object, int]:
     betons = Path(cfg["paths"]["data"]) / "betons"
     classes_file = betons / "classes.json"
     if not classes_file.is_file():
-        raise SystemExit(f"{classes_file} not found: run the prepare stage first")
+        raise InputError(f"{classes_file} not found: run the prepare stage first (python -m pipeline_src.prepare)")
     classes = json.loads(classes_file.read_text())
     num_classes = len(classes["wnids"] if isinstance(classes, dict) else classes)
     model = build_model(cfg["model"], num_classes)
@@ -149,11 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     P.add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        cfg = P.resolve_run(P.from_args(args), args.run)
-    except P.ParamsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_main("sanity", lambda: _check(args))
+
+
+def _check(args: argparse.Namespace) -> int:
+    cfg = P.resolve_run(P.from_args(args), args.run)
     if args.check == "geometry":
         print(json.dumps({"run": args.run, **geometry(cfg, args.seed)}))
         return 0
@@ -169,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg["paths"]["reports"]) / "sanity" / f"lr_range_{args.run}"
     plot_lr_range(result, out.with_suffix(".png"))
     write_json(out.with_suffix(".json"), result)
+    tags = {"check": "lr-range", "profile": cfg["profile"]["name"]}
+    with tracking.start_run(cfg, f"sanity-lr-range/{args.run}", args.seed, tags, resume=False) as tracker:
+        tracker.log_metrics({"suggested_lr": result["suggested_lr"], "min_loss_lr": result["min_loss_lr"]}, step=0)
+        tracker.log_artifact(out.with_suffix(".png"))
+        tracker.log_artifact(out.with_suffix(".json"))
     print(json.dumps({"run": args.run, "suggested_lr": result["suggested_lr"],
                       "min_loss_lr": result["min_loss_lr"], "plot": str(out.with_suffix(".png"))}))
     return 0

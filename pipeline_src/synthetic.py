@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
@@ -37,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline_src import params as params_mod
+from pipeline_src.errors import run_main
 from pipeline_src.io import write_json
 from pipeline_src.params import ParamsError
 
@@ -635,16 +637,16 @@ def generate_all(out_dir: Path, cfg: dict) -> dict:
     return manifest
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     params_mod.add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         params = params_mod.from_args(args)
         generate_all(Path(params["paths"]["data"]) / "synthetic", params["synthetic"])
-    except ParamsError as exc:
-        parser.exit(2, f"error: {exc}\n")
 
+    return run_main("synthetic", body)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

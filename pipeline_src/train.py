@@ -7,11 +7,13 @@
 
 The loop below is the paper's recipe with every trick a switch: linear scaling, warmup, zero gamma,
 no bias decay, mixed precision, step / cosine decay, label smoothing, mixup and distillation.
-Outputs: data/runs/<run>/seed<k>/{last.pt, model.pt, history.json, metrics.json}.
+Outputs: data/runs/<run>/seed<k>/{last.pt, model.pt, history.json, metrics.json}; a run whose --set
+overrides change its recipe writes to data/runs/adhoc/<run>-<hash>/seed<k>/ or --out DIR instead.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -24,9 +26,12 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline_src import checkpoint, distributed, params as P, tracking
-from pipeline_src.io import write_json
+from pipeline_src.errors import DIVERGED, InputError, run_main
+from pipeline_src.io import read_json, sha256, write_json
 from pipeline_src.loader import make_train_loader, make_val_loader
+from pipeline_src.locks import dir_lock
 from pipeline_src.models import build_model
+from pipeline_src.run_folders import output_dir, run_dir, with_same_overrides
 from pipeline_src.tricks.distillation import distillation_loss
 from pipeline_src.tricks.label_smoothing import smooth_targets, soft_target_cross_entropy
 from pipeline_src.tricks.linear_scaling import scaled_lr
@@ -36,29 +41,23 @@ from pipeline_src.tricks.mixup import mixup
 from pipeline_src.tricks.no_bias_decay import param_groups
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(InputError, RuntimeError):
     """Training diverged; the last good checkpoint is kept for inspection or a restart."""
 
+    exit_status = DIVERGED
 
-def run_dir(params: dict, run: str, seed: int) -> Path:
-    return Path(params["paths"]["runs"]) / run / f"seed{seed}"
+
+class TrainInputError(InputError):
+    """Something train needs is missing or does not fit (betons, teacher, device); says what to run."""
 
 
 def betons_dir(params: dict) -> Path:
     return Path(params["paths"]["data"]) / "betons"
 
 
-def is_finished(out: Path, recipe: str | None = None) -> bool:
-    """Done means metrics.json and model.pt exist, written for this very recipe."""
-    metrics = out / "metrics.json"
-    if not (metrics.is_file() and (out / "model.pt").is_file()):
-        return False
-    return recipe is None or json.loads(metrics.read_text()).get("recipe") == recipe
-
-
 def pick_device(choice: str, local_rank: int) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("loader.device is 'cuda' but no CUDA device is visible; set loader.device=cpu or auto")
+        raise TrainInputError("loader.device is 'cuda' but no CUDA device is visible; set loader.device=cpu or auto")
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
@@ -68,20 +67,21 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
 def read_classes(params: dict) -> list[str]:
     path = betons_dir(params) / "classes.json"
     if not path.is_file():
-        raise SystemExit(f"{path} not found: run the prepare stage first (python -m pipeline_src.prepare)")
-    data = json.loads(path.read_text())
+        raise TrainInputError(f"{path} not found: run the prepare stage first (python -m pipeline_src.prepare)")
+    data = read_json(path)
     return data["wnids"] if isinstance(data, dict) else data
 
 
 def load_teacher(params: dict, seed: int, wnids: list[str], device: torch.device) -> nn.Module:
     """The frozen teacher that the teacher stage left (trained or imported and already checked)."""
-    path = run_dir(params, params["teacher"]["run"], seed) / "model.pt"
+    name = params["teacher"]["run"]
+    path = output_dir(with_same_overrides(params, name), name, seed) / "model.pt"
     if not path.is_file():
-        raise SystemExit(f"{path} not found: run the teacher stage first (python -m pipeline_src.teacher)")
+        raise TrainInputError(f"{path} not found: run the teacher stage first (python -m pipeline_src.teacher)")
     state, meta = checkpoint.load_model_weights(path)
     if meta["wnids"] != wnids:
-        raise SystemExit(f"{path}: the teacher was trained on other classes than the betons' classes.json; "
-                         "re-run the teacher stage on the current data")
+        raise TrainInputError(f"{path}: the teacher was trained on other classes than the betons' classes.json; "
+                              "re-run the teacher stage on the current data")
     teacher = build_model({**meta["model"], "zero_gamma": False}, len(wnids))
     teacher.load_state_dict(state)
     return teacher.to(device).eval().requires_grad_(False)
@@ -164,18 +164,47 @@ def evaluate(model, loader, cfg: dict, device, precision: str, num_classes: int,
     return out
 
 
-def train(cfg: dict, run: str, seed: int) -> dict | None:
-    """Train (or resume, or skip) one run; returns its final metrics on rank 0."""
-    out = run_dir(cfg, run, seed)
+def check_batch_size(cfg: dict, betons: Path) -> None:
+    """A batch above the split's image count gives no batch at all (drop_last) or a loader error."""
+    manifest = betons / "manifest.json"
+    if not manifest.is_file():
+        return  # make_train_loader names the missing beton
+    images = read_json(manifest)["splits"]["train"]["images"]
+    batch = cfg["train"]["batch_size"]
+    if batch > images:
+        raise TrainInputError(
+            f"run '{cfg['run']['name']}': key 'train.batch_size' ({batch}) is above the {images} images of "
+            f"{betons / 'train.beton'}; lower train.batch_size (in the run's tricks or with --set)"
+        )
+
+
+def train(cfg: dict, run: str, seed: int, out: str | Path | None = None) -> dict | None:
+    """Train (or resume, or skip) one run; returns its final metrics on rank 0.
+
+    `out` (--out) overrides the folder `run_folders.output_dir` picks. Rank 0 holds the run folder's
+    lock throughout, so a second job of the same run and seed stops at once ("in use by pid N")
+    instead of overwriting this one's checkpoint.
+    """
+    out = output_dir(cfg, run, seed, out)
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if out != run_dir(cfg, run, seed) and rank0:
+        print(f"{run} seed {seed}: not the recipe {cfg['_source']} gives this run, so writing to {out}")
+    with dir_lock(out) if rank0 else contextlib.nullcontext():
+        return _train(cfg, run, seed, out)
+
+
+def _train(cfg: dict, run: str, seed: int, out: Path) -> dict | None:
     recipe = P.recipe_hash(cfg)
-    if is_finished(out, recipe):
+    finished = checkpoint.finished_metrics(out, recipe)
+    if finished is not None:
         print(f"{out}: already finished with these params, skipping (delete it to re-train)")
-        return json.loads((out / "metrics.json").read_text())
+        return finished
     train_cfg = cfg["train"]
+    check_batch_size(cfg, betons_dir(cfg))
     ddp = distributed.setup(cfg["loader"]["device"] != "cpu" and torch.cuda.is_available())
     device = pick_device(cfg["loader"]["device"], ddp.local_rank)
     if train_cfg["batch_size"] % ddp.world:
-        raise SystemExit(f"train.batch_size {train_cfg['batch_size']} is not divisible by {ddp.world} processes")
+        raise TrainInputError(f"train.batch_size {train_cfg['batch_size']} is not divisible by {ddp.world} processes")
     torch.manual_seed(seed)
     wnids = read_classes(cfg)
     num_classes = len(wnids)
@@ -231,9 +260,10 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
         model, device_ids=[device.index] if device.type == "cuda" else None)
     compiled = torch.compile(net) if train_cfg["compile"] else net
     tags = {"run": run, "seed": str(seed), "profile": cfg["profile"]["name"], "precision_effective": precision,
-            **beton_tags(betons)}
+            "run_dir": str(out), **beton_tags(betons)}
     tracker = tracking.start_run(cfg, run, seed, tags, enabled=ddp.main, resume=state is not None)
     with tracker:
+        tracker.log_history(history)  # epochs an outage or a kill kept out of the store
         for epoch in range(start_epoch, train_cfg["epochs"]):
             train_loader.set_epoch(epoch)
             lr_now = optimizer.param_groups[0]["lr"]
@@ -247,7 +277,6 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
                          epoch_time_s=time.perf_counter() - epoch_start)
             history.append(stats)
             lr_curve += lr_points
-            tracker.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch)
             if ddp.main:
                 print(json.dumps({"run": run, "seed": seed, **stats}), flush=True)
                 checkpoint.save_checkpoint(ckpt, {
@@ -257,6 +286,8 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
                     "epoch": epoch, "history": json.dumps(history), "lr_curve": json.dumps(lr_curve),
                     "recipe": recipe,
                 })
+            # After the checkpoint: a tracking outage costs no training (it retries, then warns).
+            tracker.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch)
         final = evaluate(model, val_loader, cfg, device, precision, num_classes, keep_gaps=True)
         if not ddp.main:
             return None
@@ -267,17 +298,18 @@ def train(cfg: dict, run: str, seed: int) -> dict | None:
             "wall_time_s": sum(h["epoch_time_s"] for h in history), "recipe": recipe,
             "precision": precision, "machine": hardware(device),
         }
-        checkpoint.save_final_model(out / "model.pt", model.state_dict(), {
-            "run": run, "seed": seed, "model": cfg["model"], "num_classes": num_classes, "wnids": wnids,
-        })
+        meta = {"run": run, "seed": seed, "model": cfg["model"], "num_classes": num_classes, "wnids": wnids}
+        checkpoint.save_final_model(out / "model.pt", model.state_dict(), meta)
+        metrics["model_sha256"] = sha256(out / "model.pt")
         write_json(out / "history.json", {"run": run, "seed": seed, "tricks": cfg["run"]["tricks"],
                                           "epochs": history, "lr_curve": lr_curve,
                                           "logit_gaps": final["logit_gaps"],
                                           "label_smoothing": train_cfg["label_smoothing"]})
         write_json(out / "metrics.json", metrics)
-        numbers = {k: v for k, v in metrics.items() if k not in ("recipe", "precision", "machine")}
+        numbers = {k: v for k, v in metrics.items() if k not in ("recipe", "precision", "machine", "model_sha256")}
         tracker.log_metrics({f"final_{k}": v for k, v in numbers.items()}, step=train_cfg["epochs"])
         tracker.log_artifact(out / "history.json")
+        tracker.log_model(out / "model.pt", meta)
     ckpt.unlink(missing_ok=True)  # model.pt holds the weights now; the resume state is spent
     return metrics
 
@@ -294,27 +326,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="a run name from params.yaml (runs, single-*, loo-*)")
     parser.add_argument("--seed", type=int, default=None, help="default: the first of study.seeds")
+    parser.add_argument("--out", default=None, help="output folder (default: paths.runs/<run>/seed<k>, or "
+                        "paths.runs/adhoc/<run>-<hash>/seed<k> when --set changes the run's recipe)")
     P.add_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> None:
         params = P.from_args(args)
         cfg = P.resolve_run(params, args.run)
-    except P.ParamsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    seed = params["study"]["seeds"][0] if args.seed is None else args.seed
-    try:
-        train(cfg, args.run, seed)
-    except NonFiniteLoss as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
-    finally:
-        distributed.teardown()
-    return 0
+        try:
+            train(cfg, args.run, params["study"]["seeds"][0] if args.seed is None else args.seed, args.out)
+        finally:
+            distributed.teardown()
+
+    return run_main("train", body)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ MICRO = {
     "train": {"epochs": 2, "batch_size": 16, "base_batch": 16, "step_milestones": [1], "cpu_amp": "bf16",
               "eval_every": 1},
     "tricks": {"large_batch": {"train.batch_size": 32, "train.linear_scaling": True},
-               "warmup": {"train.warmup_epochs": 1}, "mixup": {"train.mixup_alpha": 0.2, "train.epochs": 3}},
+               "warmup": {"train.warmup_epochs": 0.5}, "mixup": {"train.mixup_alpha": 0.2, "train.epochs": 3}},
     "sanity": {"overfit_steps": 60, "lr_range_steps": 12},
     "study": {"seeds": [0], "transfer_seeds": [0]},
 }
@@ -55,3 +55,35 @@ def micro(tmp_path_factory) -> Path:
     generate_imagenet(Path(params["paths"]["data"]) / "synthetic", params["synthetic"])
     prepare(params)
     return path
+
+
+SMALL_DISK_BYTES = 2 * 1024 * 1024
+
+
+@pytest.fixture
+def small_disk(tmp_path, monkeypatch) -> Path:
+    """A 2 MB folder: a real tmpfs where this process may mount one (root), else a folder whose
+    `shutil.disk_usage` reports 2 MB minus what it holds, so the disk-full checks run either way."""
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SMALL_DISK_BYTES}", "tmpfs", str(folder)],
+                                 capture_output=True).returncode == 0
+    except OSError:  # no mount command
+        mounted = False
+    if not mounted:
+        real = shutil.disk_usage
+
+        def fake(path):
+            if not Path(path).resolve().is_relative_to(folder.resolve()):
+                return real(path)
+            used = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+            return shutil._ntuple_diskusage(SMALL_DISK_BYTES, used, max(SMALL_DISK_BYTES - used, 0))
+
+        monkeypatch.setattr(shutil, "disk_usage", fake)
+    yield folder
+    if mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

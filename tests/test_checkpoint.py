@@ -10,6 +10,7 @@ from torch import nn
 
 from pipeline_src import checkpoint as ckpt
 from pipeline_src.checkpoint import CheckpointError
+from pipeline_src.io import DiskFullError
 
 
 class Evil:
@@ -202,3 +203,61 @@ def test_missing_file_and_generator_mismatch(tmp_path):
     state = ckpt.capture_rng_state({"mixup": torch.Generator()})
     with pytest.raises(CheckpointError, match=r"\['mixup'\].*\[\]"):
         ckpt.restore_rng_state(state, {})
+
+
+def _big_state(megabytes: float) -> dict:
+    model, opt, sched, scaler, mix = _setup()
+    state = _state(model, opt, sched, scaler, mix, epoch=0, step=0)
+    state["model"] = {"w": torch.zeros(int(megabytes * 2**20) // 4)}
+    return state
+
+
+def test_disk_full_save_names_the_file_and_the_space_it_needs(small_disk):
+    """A 2 MB disk holds one 1.2 MB checkpoint, not a second beside it: refused before writing."""
+    path = small_disk / ckpt.LAST_NAME
+    ckpt.save_checkpoint(path, _big_state(1.2))
+    before = path.read_bytes()
+    with pytest.raises(DiskFullError) as err:
+        ckpt.save_checkpoint(path, _big_state(1.2))
+    msg = str(err.value)
+    assert f"no space left on {small_disk}" in msg and str(path) in msg
+    assert "needs about 1.2 MB" in msg and "twice its size" in msg
+    assert path.read_bytes() == before
+    assert [p.name for p in small_disk.iterdir()] == [ckpt.LAST_NAME]
+
+
+def test_disk_full_during_write_is_named_not_an_iostream_error(tmp_path, monkeypatch):
+    """torch reports ENOSPC mid-write as `basic_ios::clear: iostream error`, naming no file."""
+    import shutil
+
+    def fails(obj, f, *args, **kwargs):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    real = shutil.disk_usage
+    usage = {"free": 10 * 2**20}
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=usage["free"]))
+    monkeypatch.setattr(torch, "save", fails)
+    path = tmp_path / ckpt.LAST_NAME
+    usage["free"] = int(1.5 * 2**20)  # passes the estimate (1.2 MB of tensors), too little for the file
+    with pytest.raises(DiskFullError, match=f"no space left on {tmp_path}.*{ckpt.LAST_NAME}"):
+        ckpt.save_checkpoint(path, _big_state(1.2))
+    usage["free"] = 100 * 2**20  # a different failure keeps its own message
+    with pytest.raises(RuntimeError, match="iostream error"):
+        ckpt.save_checkpoint(path, _big_state(1.2))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_code_in_a_checkpoint_is_refused_as_code_not_as_corruption(tmp_path):
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, ("echo pwned",)
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Payload()}, path)
+    with pytest.raises(CheckpointError) as err:
+        ckpt.load_checkpoint(path)
+    msg = str(err.value)
+    assert "truncated or corrupt" not in msg
+    assert "system" in msg and "refuses to run" in msg and "weights_only=True" in msg

@@ -12,6 +12,7 @@ import torch
 from pipeline_src import checkpoint, params as P
 from pipeline_src.loader import make_val_loader
 from pipeline_src.models import build_model
+from pipeline_src.run_folders import output_dir
 from pipeline_src.teacher import main as teacher_main
 from pipeline_src.train import (betons_dir, build_optimizer, evaluate, load_teacher, main as train_main,
                                 run_dir, train_one_epoch)
@@ -156,7 +157,9 @@ def test_teacher_stage_run_twice_keeps_the_imported_checkpoint(micro, tmp_path):
     source = _save(tmp_path / "mine.pt", model, cfg["model"], wnids)
     assert _import(micro, tmp_path, source, 2, "--set", "train.epochs=1") == 0
     assert _import(micro, tmp_path, source, 2, "--set", "train.epochs=1") == 0
-    out = run_dir(params, params["teacher"]["run"], 2)
+    adhoc = P.resolve_run(P.load(micro, [f"paths.runs={tmp_path / 'runs'}", "train.epochs=1"]), cfg["run"]["name"])
+    out = output_dir(adhoc, cfg["run"]["name"], 2)
+    assert out.parts[-3] == "adhoc"
     assert json.loads((out / "metrics.json").read_text()).get("source") == str(source)
     kept, _ = checkpoint.load_model_weights(out / "model.pt")
     for key, value in model.state_dict().items():
@@ -184,53 +187,51 @@ def test_teacher_checkpoint_imports_after_a_crashed_teacher_training(micro, tmp_
 
 
 @pytest.mark.parametrize("key", ["depth", "width", "variant", "stem_stride"])
-def test_teacher_checkpoint_of_another_architecture_is_refused(micro, tmp_path, key):
+def test_teacher_checkpoint_of_another_architecture_is_refused(micro, tmp_path, capsys, key):
     params = P.load(micro, [f"paths.runs={tmp_path / 'runs'}"])
     cfg, wnids = _teacher_cfg(params), _wnids(params)
     options = {"depth": [26, 50], "width": [0.125, 0.25], "variant": ["A", "D"], "stem_stride": [4, 2]}[key]
     value = next(v for v in options if v != cfg["model"][key])
     other = {**cfg["model"], key: value}
     source = _save(tmp_path / "other.pt", build_model(other, len(wnids)), other, wnids)
-    with pytest.raises(SystemExit) as exc:
-        _import(micro, tmp_path, source, 3)
-    message = str(exc.value.code)
+    assert _import(micro, tmp_path, source, 3) == 2
+    message = capsys.readouterr().err
     assert str(source) in message and "architecture does not match" in message
     assert f"{key}: checkpoint {value!r} vs params {cfg['model'][key]!r}" in message
     assert not (tmp_path / "runs").exists()
 
 
-def test_teacher_checkpoint_whose_weights_contradict_its_meta_is_refused(micro, tmp_path):
+def test_teacher_checkpoint_whose_weights_contradict_its_meta_is_refused(micro, tmp_path, capsys):
     params = P.load(micro, [f"paths.runs={tmp_path / 'runs'}"])
     cfg, wnids = _teacher_cfg(params), _wnids(params)
     smaller = build_model({**cfg["model"], "width": cfg["model"]["width"] / 2}, len(wnids))
     source = _save(tmp_path / "liar.pt", smaller, cfg["model"], wnids)  # meta claims the teacher's shape
-    with pytest.raises(SystemExit) as exc:
-        _import(micro, tmp_path, source, 4)
-    assert str(source) in str(exc.value.code) and "weights do not fit" in str(exc.value.code)
+    assert _import(micro, tmp_path, source, 4) == 2
+    message = capsys.readouterr().err
+    assert str(source) in message and "weights do not fit" in message
     assert not (tmp_path / "runs").exists()
 
 
-def test_teacher_checkpoint_with_another_class_count_is_refused(micro, tmp_path):
+def test_teacher_checkpoint_with_another_class_count_is_refused(micro, tmp_path, capsys):
     params = P.load(micro, [f"paths.runs={tmp_path / 'runs'}"])
     cfg, wnids = _teacher_cfg(params), _wnids(params)
     fewer = wnids[:-1]
     source = _save(tmp_path / "fewer.pt", build_model(cfg["model"], len(fewer)), cfg["model"], fewer)
-    with pytest.raises(SystemExit) as exc:
-        _import(micro, tmp_path, source, 5)
-    message = str(exc.value.code)
+    assert _import(micro, tmp_path, source, 5) == 2
+    message = capsys.readouterr().err
     assert str(source) in message and f"{len(fewer)} classes" in message and f"{len(wnids)}" in message
     assert not (tmp_path / "runs").exists()
 
 
-def test_teacher_checkpoint_of_other_classes_is_refused(micro, tmp_path):
+def test_teacher_checkpoint_of_other_classes_is_refused(micro, tmp_path, capsys):
     """Same class count, other classes (or order): its logits would name the wrong classes."""
     params = P.load(micro, [f"paths.runs={tmp_path / 'runs'}"])
     cfg, wnids = _teacher_cfg(params), _wnids(params)
     shuffled = wnids[1:] + wnids[:1]
     source = _save(tmp_path / "shuffled.pt", build_model(cfg["model"], len(wnids)), cfg["model"], shuffled)
-    with pytest.raises(SystemExit) as exc:
-        _import(micro, tmp_path, source, 6)
-    assert str(source) in str(exc.value.code) and "classes" in str(exc.value.code)
+    assert _import(micro, tmp_path, source, 6) == 2
+    message = capsys.readouterr().err
+    assert str(source) in message and "classes" in message
     assert not (tmp_path / "runs").exists()
 
 
@@ -256,17 +257,20 @@ def test_teacher_then_distilled_student_end_to_end(micro, tmp_path, capsys):
 
     sets = ["--params", str(micro), "--set", f"paths.runs={tmp_path}", "--set", "train.epochs=1"]
     params = P.load(micro, [f"paths.runs={tmp_path}", "train.epochs=1"])
-    with pytest.raises(SystemExit) as exc:  # a student without its teacher says what to run
-        train_main([*sets, "--run", "t6-distill"])
-    assert "run the teacher stage first" in str(exc.value.code)
+    assert train_main([*sets, "--run", "t6-distill"]) == 2  # a student without its teacher says what to run
+    assert "run the teacher stage first" in capsys.readouterr().err
 
     assert teacher_main(sets) == 0
-    teacher_metrics = json.loads((run_dir(params, "teacher", 0) / "metrics.json").read_text())
+    # one epoch is not the file's recipe: both go to their ad-hoc folders, and find each other there
+    teacher_dir = output_dir(P.resolve_run(params, "teacher"), "teacher", 0)
+    student_dir = output_dir(P.resolve_run(params, "t6-distill"), "t6-distill", 0)
+    assert teacher_dir.parts[-3] == student_dir.parts[-3] == "adhoc"
+    teacher_metrics = json.loads((teacher_dir / "metrics.json").read_text())
     assert train_main([*sets, "--run", "t6-distill"]) == 0
-    student = json.loads((run_dir(params, "t6-distill", 0) / "metrics.json").read_text())
+    student = json.loads((student_dir / "metrics.json").read_text())
     assert 0 <= student["top1"] <= student["top5"] <= 100
-    _, meta = checkpoint.load_model_weights(run_dir(params, "t6-distill", 0) / "model.pt")
-    _, teacher_meta = checkpoint.load_model_weights(run_dir(params, "teacher", 0) / "model.pt")
+    _, meta = checkpoint.load_model_weights(student_dir / "model.pt")
+    _, teacher_meta = checkpoint.load_model_weights(teacher_dir / "model.pt")
     assert (meta["model"]["depth"], meta["model"]["width"]) != (teacher_meta["model"]["depth"],
                                                                 teacher_meta["model"]["width"])
 
@@ -275,7 +279,7 @@ def test_teacher_then_distilled_student_end_to_end(micro, tmp_path, capsys):
 
     def ours(name: str):
         [run] = [r for r in client.search_runs([exp.experiment_id], f"tags.run = '{name}'")
-                 if r.data.params["paths.runs"] == str(tmp_path)]
+                 if r.data.tags.get("run_dir", "").startswith(str(tmp_path))]
         return run
 
     teacher_run, student_run = ours("teacher"), ours("t6-distill")

@@ -119,8 +119,8 @@ def test_generated_single_trick_and_leave_one_out_runs():
 
 
 def test_command_line_set_wins_over_a_runs_tricks():
-    params = P.load(ROOT / "params.yaml", ["train.epochs=2"])
-    assert P.resolve_run(params, "t6-mixup")["train"]["epochs"] == 2
+    params = P.load(ROOT / "params.yaml", ["train.epochs=3"])
+    assert P.resolve_run(params, "t6-mixup")["train"]["epochs"] == 3
 
 
 def test_bad_run_references_are_errors(tmp_path):
@@ -185,3 +185,44 @@ def test_imagenet_profile_transfer_is_common_practice():
     assert (det["box_score_thresh"], det["box_nms_thresh"], det["box_detections_per_img"]) == (0.001, 0.3, 100)
     assert (seg["base_size"], seg["crop_size"], seg["scale_range"]) == (520, 480, [0.5, 2.0])
     assert seg["aux_loss"] is True and seg["aux_weight"] == 0.5
+
+
+def test_duplicate_key_is_an_error_naming_file_and_lines(tmp_path):
+    text = (ROOT / "params.yaml").read_text()
+    assert "\n  epochs: 12\n" in text
+    path = tmp_path / "dup.yaml"
+    path.write_text(text.replace("\n  epochs: 12\n", "\n  epochs: 12\n  epochs: 3\n", 1))
+    first = text[:text.index("\n  epochs: 12\n")].count("\n") + 2
+    with pytest.raises(P.ParamsError) as err:
+        P.load(path)
+    msg = str(err.value)
+    assert f"{path}: line {first + 1}: key 'epochs' is given twice" in msg and f"first on line {first}" in msg
+
+
+def test_synthetic_sizes_must_be_ordered():
+    with pytest.raises(P.ParamsError, match=r"'synthetic.min_size' \(60\) is above 'synthetic.max_size'"):
+        P.load(ROOT / "params.yaml", ["synthetic.min_size=60", "synthetic.max_size=40"])
+
+
+@pytest.mark.parametrize("run, sets, pattern", [
+    ("baseline", ["train.warmup_epochs=12"],
+     r"run 'baseline': key 'train.warmup_epochs' \(12\) must be below 'train.epochs' \(12\)"),
+    ("baseline", ["train.epochs=3"], r"run 'baseline': key 'train.step_milestones' \[6, 10\] has \[6, 10\] outside"),
+    # the warmup trick's 2 epochs reach a milestone at epoch 2 in the runs that apply it
+    ("t4-warmup", ["train.step_milestones=[2, 10]"],
+     r"run 't4-warmup': .* has \[2\] outside \(warmup_epochs, epochs\) = \(2, 12\)"),
+])
+def test_schedule_rules_name_the_run_and_keys(run, sets, pattern):
+    params = P.load(ROOT / "params.yaml", sets)
+    with pytest.raises(P.ParamsError, match=pattern):
+        P.resolve_run(params, run)
+
+
+def test_cosine_runs_ignore_step_milestones():
+    params = P.load(ROOT / "params.yaml", ["train.schedule=cosine", "train.step_milestones=[50]"])
+    assert P.resolve_run(params, "baseline")["train"]["step_milestones"] == [50]
+
+
+def test_malformed_set_value_is_a_params_error():
+    with pytest.raises(P.ParamsError, match=r"--set 'train.epochs=\[1': the value is not valid YAML"):
+        P.load(ROOT / "params.yaml", ["train.epochs=[1"])

@@ -454,3 +454,158 @@ def test_killed_prepare_leaves_nothing_done_and_rerun_completes(tmp_path, noise_
     manifest = _manifest(betons)
     assert manifest["splits"]["train"]["images"] == len(_labels(betons / "train.beton")) == 120
     assert sorted(p.name for p in betons.iterdir()) == sorted(prep.OUTPUTS + (prep.MANIFEST,))
+
+
+# ---------------------------------------------------------------- faults: disk full, locks, swaps
+
+
+def _no_temp_files(betons: Path) -> bool:
+    return not betons.exists() or not [p.name for p in betons.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_disk_too_small_is_refused_before_writing(tmp_path, capsys, small_disk):
+    """2 MB cannot hold a beton (ffcv writes whole 8 MB pages): a clear error, and nothing left behind."""
+    root = _plain(tmp_path / "imagenet", train=2, val=1)
+    err = _fails(capsys, _argv(tmp_path, small_disk, root))
+    assert f"no space left on {small_disk / 'betons'}" in err and "needs about 16.0 MB, have" in err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in (small_disk / "betons").iterdir()) == []
+
+
+@pytest.mark.timeout(60)
+def test_disk_full_while_writing_fails_fast_not_a_hang(tmp_path, monkeypatch):
+    """ENOSPC in ffcv's writer process used to leave prepare waiting forever."""
+    from ffcv.memory_allocator import MemoryAllocator
+
+    def full(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(MemoryAllocator, "flush_page", full)  # inherited by the forked writer
+    monkeypatch.setattr(prep, "free_bytes", lambda folder: 3 * 2**20)
+    root = _plain(tmp_path / "imagenet", train=2, val=1)
+    start = time.monotonic()
+    with pytest.raises(prep.DiskFullError, match=r"no space left on .*betons: writing train.beton stopped"):
+        prep.prepare(_load(tmp_path, tmp_path / "data", root))
+    assert time.monotonic() - start < 30
+    assert _no_temp_files(tmp_path / "data" / "betons")
+    assert not (tmp_path / "data" / "betons" / "manifest.json").exists()
+
+
+def test_failed_re_prepare_keeps_the_previous_set(tmp_path, monkeypatch):
+    from ffcv.memory_allocator import MemoryAllocator
+
+    root = _plain(tmp_path / "imagenet", train=2, val=1)
+    params = _load(tmp_path, tmp_path / "data", root)
+    betons = prep.prepare(params)
+    before = {name: prep.sha256(betons / name) for name in prep.OUTPUTS}
+
+    def crash(self):
+        raise RuntimeError("writer crashed")
+
+    monkeypatch.setattr(MemoryAllocator, "flush_page", crash)
+    with pytest.raises(prep.PrepareError, match="writer process exited with status 1"):
+        prep.prepare(_load(tmp_path, tmp_path / "data", root, "prepare.jpeg_quality=50"))
+    assert {name: prep.sha256(betons / name) for name in prep.OUTPUTS} == before
+    assert prep.is_prepared(betons, {k: _manifest(betons)[k] for k in ("source", "inputs", "settings")})
+    assert _manifest(betons)["settings"]["jpeg_quality"] != 50
+    assert _no_temp_files(betons)
+
+
+def test_second_prepare_into_one_data_dir_is_refused_and_a_dead_holder_is_taken_over(tmp_path, capsys):
+    root = _plain(tmp_path / "imagenet", train=2, val=1)
+    betons = tmp_path / "data" / "betons"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pipeline_src.locks import dir_lock\n"
+         f"with dir_lock({str(betons)!r}):\n    print('held', flush=True); time.sleep(60)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        err = _fails(capsys, _argv(tmp_path, tmp_path / "data", root))
+        assert f"{betons} is in use by pid {holder.pid}" in err
+        assert prep.main(_argv(tmp_path, tmp_path / "data", root)) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (betons / ".lock").read_text().split()[0] == str(holder.pid)  # SIGKILL left it behind
+    assert prep.main(_argv(tmp_path, tmp_path / "data", root)) == 0
+    assert not (betons / ".lock").exists()
+
+
+# ---------------------------------------------------------------- image modes and odd entries
+
+
+@pytest.mark.parametrize("mode, fill, fmt, expected", [
+    ("1", 1, "PNG", (255, 255, 255)),
+    ("L", 100, "PNG", (100, 100, 100)),
+    ("LA", (100, 7), "PNG", (100, 100, 100)),
+    ("P", 3, "PNG", None),  # palette entry 3 of PIL's default palette
+    ("PA", (3, 7), "TIFF", None),
+    ("RGB", (10, 20, 30), "PNG", (10, 20, 30)),
+    ("RGBA", (10, 20, 30, 40), "PNG", (10, 20, 30)),
+    ("CMYK", (0, 255, 255, 0), "TIFF", (255, 0, 0)),
+    ("I;16", 40000, "PNG", (156, 156, 156)),  # 40000 / 65535 of white, not clipped to 255
+])
+def test_every_pil_mode_becomes_the_right_8_bit_rgb(tmp_path, mode, fill, fmt, expected):
+    path = tmp_path / f"img.{fmt.lower()}"
+    Image.new(mode, (SIDE, SIDE), fill).save(path, format=fmt)
+    assert prep.inspect_image(path, 64) == (None, (SIDE, SIDE))
+    if expected is None:  # palette modes: PIL's own palette lookup, alpha dropped
+        expected = Image.new(mode, (1, 1), fill).convert("RGB").getpixel((0, 0))
+    rgb = prep.load_rgb(path, 64)
+    assert rgb.dtype == np.uint8 and rgb.shape == (SIDE, SIDE, 3)
+    assert np.all(rgb == np.array(expected, np.uint8))
+
+
+def test_sixteen_bit_gradient_keeps_its_range(tmp_path):
+    path = tmp_path / "grad.png"
+    Image.fromarray(np.linspace(0, 65535, SIDE * SIDE).astype(np.uint16).reshape(SIDE, SIDE)).save(path)
+    assert Image.open(path).mode == "I;16"
+    grey = prep.load_rgb(path, 64)[:, :, 0]
+    assert grey.min() == 0 and grey.max() == 255 and 120 < grey.mean() < 135
+
+
+@pytest.mark.parametrize("mode, fill, name", [("I", 40000, "32-bit integer"), ("F", 0.5, "32-bit float")])
+def test_32_bit_modes_are_refused_by_name(tmp_path, mode, fill, name):
+    path = tmp_path / "img.tif"
+    Image.new(mode, (SIDE, SIDE), fill).save(path, format="TIFF")
+    why, _ = prep.inspect_image(path, 64)
+    assert f"unsupported image mode {mode} ({name})" in why
+
+
+def test_broken_links_and_folders_named_like_images_are_listed(tmp_path, capsys):
+    root = _plain(tmp_path / "imagenet", train=2, val=1)
+    folder = root / "train" / WNIDS[0]
+    (folder / "broken.JPEG").symlink_to(folder / "nowhere.JPEG")
+    (folder / "loop.JPEG").symlink_to(folder / "loop.JPEG")
+    _save(folder / "album.JPEG" / "inside.JPEG", GREY)
+    err = _fails(capsys, _argv(tmp_path, tmp_path / "data", root))
+    assert "2 unreadable image file(s)" in err and "broken symlink" in err and "symlink loop" in err
+
+    betons = prep.prepare(_load(tmp_path, tmp_path / "data", root, "data.on_corrupt=skip"))
+    skipped = {s["file"]: s["reason"] for s in _manifest(betons)["skipped"]}
+    prefix = f"train/{WNIDS[0]}/"
+    assert skipped[prefix + "broken.JPEG"].startswith("broken symlink")
+    assert skipped[prefix + "loop.JPEG"] == "symlink loop"
+    assert skipped[prefix + "album.JPEG"].startswith("a folder, not an image file")
+    assert _labels(betons / "train.beton") == [0, 0, 0, 1, 1]  # album.JPEG/inside.JPEG is an image of class 0
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_log():
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    log = io.StringIO()
+    progress = prep.Progress("train.beton", 100, every_s=0.0, stream=log)
+    progress.update(50)
+    progress.update(100, final=True)
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2 and "\r" not in log.getvalue()
+    assert lines[0].startswith("prepare: train.beton: 50/100 images,") and "images/s, ETA" in lines[0]
+    assert lines[1].startswith("prepare: train.beton: 100 images in") and lines[1].endswith("images/s")
+    tty = Terminal()
+    bar = prep.Progress("val.beton", 10, stream=tty)
+    bar.update(10, final=True)
+    assert tty.getvalue().startswith("\r[########################] prepare: val.beton: 10 images")

@@ -3,6 +3,7 @@ rankings, missing and stale runs, the machine header, figures, self-contained HT
 determinism. Fake run outputs (as train.py writes them) with known numbers."""
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -319,8 +320,10 @@ def test_zero_finished_runs_still_render_via_the_cli(tmp_path):
     (tmp_path / "reports" / "figures").mkdir(parents=True)
     (tmp_path / "reports" / "figures" / "val_top1.png").write_bytes(b"stale")
     cmd = [sys.executable, "-m", "pipeline_src.report", "--params", str(path)] + [a for s in sets for a in ("--set", s)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}  # not the repo's store
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
+    assert "report: logged to MLflow run" in proc.stdout
     md = (tmp_path / "reports" / "report.md").read_text()
     names = set(P.all_run_names(P.load(path, sets))) | set(runs_named(load_paper_numbers()))
     assert f"Runs: 0 of {len(names)} finished for every seed" in md

@@ -14,6 +14,7 @@ import torch
 
 from pipeline_src import params as P
 from pipeline_src.checkpoint import load_model_weights
+from pipeline_src.io import sha256
 from pipeline_src.models import build_model
 from pipeline_src.train import main, run_dir
 from pipeline_src.tricks.mixed_precision import hardware
@@ -21,8 +22,8 @@ from pipeline_src.tricks.mixed_precision import hardware
 BIN = Path(sys.executable).parent
 
 
-def _cmd(micro: Path, runs: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline_src.train", "--params", str(micro), "--set", f"paths.runs={runs}", *extra]
+def _cmd(micro: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline_src.train", "--params", str(micro), "--out", str(out), *extra]
 
 
 def test_train_writes_outputs_logs_to_mlflow_and_skips_a_finished_run(micro, capsys):
@@ -51,6 +52,9 @@ def test_train_writes_outputs_logs_to_mlflow_and_skips_a_finished_run(micro, cap
     assert [m.step for m in client.get_metric_history(run.info.run_id, "top1")] == [0, 1]
     manifest = json.loads((Path(params["paths"]["data"]) / "betons" / "manifest.json").read_text())
     assert run.data.tags["sha256_train.beton"] == manifest["sha256"]["train.beton"]
+    assert run.data.tags["mlflow.note.content"] == params["runs"]["t4-amp"]["description"]
+    assert "runs.baseline.description" not in run.data.params  # its own recipe, not the whole file
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/model.pt", "model/meta.json"}
 
     capsys.readouterr()
     assert main(["--params", str(micro), "--run", "t4-amp", "--seed", "0"]) == 0
@@ -64,7 +68,7 @@ def test_killed_run_resumes_to_bit_identical_weights(micro, tmp_path):
     subprocess.run(_cmd(micro, straight, *args), check=True, capture_output=True, timeout=300)
 
     killed = tmp_path / "killed"
-    last = killed / "t6-mixup" / "seed3" / "last.pt"
+    last = killed / "last.pt"
     proc = subprocess.Popen(_cmd(micro, killed, *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
     while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -76,20 +80,20 @@ def test_killed_run_resumes_to_bit_identical_weights(micro, tmp_path):
 
     resumed = subprocess.run(_cmd(micro, killed, *args), check=True, capture_output=True, text=True, timeout=300)
     assert "resuming at epoch" in resumed.stdout
-    a, _ = load_model_weights(straight / "t6-mixup" / "seed3" / "model.pt")
-    b, _ = load_model_weights(killed / "t6-mixup" / "seed3" / "model.pt")
+    a, _ = load_model_weights(straight / "model.pt")
+    b, _ = load_model_weights(killed / "model.pt")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
 
 def test_nan_loss_stops_the_run_naming_the_step_and_checkpoint(micro, tmp_path, capsys):
-    code = main(["--params", str(micro), "--run", "baseline", "--set", f"paths.runs={tmp_path}",
+    code = main(["--params", str(micro), "--run", "baseline", "--out", str(tmp_path),
                  "--set", "train.base_lr=1e30"])
     err = capsys.readouterr().err
     assert code == 3
     assert "loss is" in err and "step" in err and "last good checkpoint" in err
-    assert not (tmp_path / "baseline" / "seed0" / "metrics.json").exists()
+    assert not (tmp_path / "metrics.json").exists()
 
 
 def test_unknown_run_is_a_clear_error(micro, capsys):
@@ -104,7 +108,8 @@ def test_ddp_two_gloo_processes_match_one_process_on_the_same_global_batch(micro
     # Two steps at a small LR: the micro model is chaotic enough that larger steps amplify fp32
     # rounding (a 1e-6 nudge of the init moves the weights by 3e-4 after one step at LR 1e-3), and
     # NCHW because oneDNN's channels_last kernels round differently at different batch sizes.
-    same = ["--run", "baseline", "--set", "train.epochs=1", "--set", "train.batch_size=48",
+    same = ["--run", "baseline", "--set", "train.epochs=1", "--set", "train.step_milestones=[]",
+            "--set", "train.batch_size=48",
             "--set", "train.base_lr=0.0001", "--set", "train.sync_bn=true",
             "--set", "loader.order=sequential", "--set", "augment.crop_area=[1.0, 1.0]",
             "--set", "augment.crop_ratio=[1.0, 1.0]", "--set", "augment.flip=false",
@@ -115,12 +120,12 @@ def test_ddp_two_gloo_processes_match_one_process_on_the_same_global_batch(micro
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [BIN / "torchrun", "--standalone", "--nproc_per_node", "2", "-m", "pipeline_src.train", "--",
-         "--params", str(micro), "--set", f"paths.runs={ddp}", *same],
+         "--params", str(micro), "--out", str(ddp), *same],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    a, meta = load_model_weights(single / "baseline" / "seed0" / "model.pt")
-    b, _ = load_model_weights(ddp / "baseline" / "seed0" / "model.pt")
+    a, meta = load_model_weights(single / "model.pt")
+    b, _ = load_model_weights(ddp / "model.pt")
     torch.manual_seed(0)
     init = build_model(meta["model"], meta["num_classes"]).state_dict()
     weights = [k for k in a if a[k].is_floating_point() and "running" not in k]
@@ -149,8 +154,89 @@ def test_sanity_lr_range_saves_a_plot_and_suggests_an_lr(micro, capsys):
     assert low <= report["suggested_lr"] <= high
     assert Path(report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    from mlflow.tracking import MlflowClient
 
-def test_sanity_geometry_shows_how_little_of_a_small_input_zero_gamma_resnet_a_sees(micro, capsys):
+    client = MlflowClient(params["tracking"]["uri"])
+    exp = client.get_experiment_by_name(params["tracking"]["experiment"])
+    [run] = client.search_runs([exp.experiment_id], "tags.run = 'sanity-lr-range/baseline'")
+    assert run.data.metrics["suggested_lr"] == report["suggested_lr"]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {Path(report["plot"]).name,
+                                                                        Path(report["plot"]).with_suffix(".json").name}
+
+
+def _short(micro: Path, out: Path, seed: int, *extra: str) -> list[str]:
+    return ["--params", str(micro), "--run", "baseline", "--seed", str(seed), "--out", str(out),
+            "--set", "train.epochs=1", "--set", "train.step_milestones=[]", *extra]
+
+
+def test_tracking_outage_loses_no_epoch_and_a_truncated_model_is_trained_again(micro, tmp_path, monkeypatch,
+                                                                               capsys):
+    from mlflow.exceptions import MlflowException
+
+    from pipeline_src import tracking
+
+    def locked(self, entries):
+        raise MlflowException("(sqlite3.OperationalError) database is locked")
+
+    out = tmp_path / "seed5"
+    with monkeypatch.context() as patch:
+        patch.setattr(tracking.Tracker, "_log_entries", locked)
+        patch.setattr(tracking, "RETRY_FOR_S", 0.05)
+        patch.setattr(tracking, "RETRY_FIRST_WAIT_S", 0.01)
+        assert main(_short(micro, out, 5)) == 0
+    assert "tracking: warning: logging metrics of step 0 failed" in capsys.readouterr().err
+    load_model_weights(out / "model.pt")
+
+    data = (out / "model.pt").read_bytes()
+    (out / "model.pt").write_bytes(data[: len(data) // 2])
+    assert main(_short(micro, out, 5)) == 0
+    assert "already finished" not in capsys.readouterr().out
+    load_model_weights(out / "model.pt")
+    assert json.loads((out / "metrics.json").read_text())["model_sha256"] == sha256(out / "model.pt")
+
+
+def test_second_training_of_one_run_and_seed_is_refused(micro, tmp_path, capsys):
+    out = tmp_path / "seed6"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from pipeline_src.locks import dir_lock\n"
+         f"with dir_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(_short(micro, out, 6)) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"train: error: {out} is in use by pid {holder.pid}" in capsys.readouterr().err
+    assert not (out / "last.pt").exists()
+
+
+def test_batch_above_the_image_count_is_one_clear_line(micro, tmp_path, capsys):
+    assert main(_short(micro, tmp_path, 7, "--set", "train.batch_size=500")) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert "key 'train.batch_size' (500) is above the 96 images of" in line and "train.beton" in line
+
+
+def test_unreadable_metrics_file_is_named(micro, tmp_path, capsys):
+    out = tmp_path / "seed8"
+    out.mkdir(parents=True)
+    (out / "model.pt").write_bytes(b"x")
+    (out / "metrics.json").write_bytes(b'{"top1": "\xff\xfe"}')
+    assert main(_short(micro, out, 8)) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"train: error: {out / 'metrics.json'}: not valid UTF-8 JSON")
+
+
+def test_corrupt_checkpoint_is_one_line_naming_it(micro, tmp_path, capsys):
+    out = tmp_path / "seed9"
+    out.mkdir(parents=True)
+    (out / "last.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    assert main(_short(micro, out, 9)) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"train: error: {out / 'last.pt'}: cannot be read, the file is truncated or corrupt")
+
+
+def test_sanity_geometry_shows_how_little_of_a_small_input_zero_gamma_resnet_a_sees(micro):
     """At 32 px the paper's stem leaves layer4 at 1x1, and zero gamma leaves only the strided shortcuts."""
     from pipeline_src.sanity import geometry
 

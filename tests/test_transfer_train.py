@@ -279,7 +279,7 @@ def test_detection_stage_end_to_end_and_skip(env, capsys):
     stamp = (out / "model.pt").stat().st_mtime_ns
     capsys.readouterr()
     assert train_detection.main(argv) == 0
-    assert "already finished, skipping" in capsys.readouterr().out
+    assert "already finished with these params, skipping" in capsys.readouterr().out
     assert (out / "model.pt").stat().st_mtime_ns == stamp
     assert len(_mlflow_run(env, f"transfer-detection/{BACKBONE}")[1]) == 1
 
@@ -303,8 +303,13 @@ def test_segmentation_stage_end_to_end_and_skip(env, capsys):
     stamp = (out / "model.pt").stat().st_mtime_ns
     capsys.readouterr()
     assert train_segmentation.run(params, BACKBONE, 0) == metrics
-    assert "already finished, skipping" in capsys.readouterr().out
+    assert "already finished with these params, skipping" in capsys.readouterr().out
     assert (out / "model.pt").stat().st_mtime_ns == stamp
+    # Other fine-tune settings, or another backbone recipe, are not this result: it is not skipped.
+    assert bb.finished_metrics(P.load(REPO / "params.yaml", [*env["sets"], "transfer.segmentation.lr=0.5"]),
+                               "segmentation", BACKBONE, 0) is None
+    assert bb.finished_metrics(P.load(REPO / "params.yaml", [*env["sets"], "model.init=kaiming"]),
+                               "segmentation", BACKBONE, 0) is None
 
 
 def test_stage_cli_reports_a_missing_backbone(env, capsys):

@@ -36,6 +36,8 @@ from ffcv.pipeline import PipelineSpec
 from ffcv.reader import Reader
 from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
+from pipeline_src.errors import InputError
+
 from . import draws
 from .gpu import DeviceAugment
 from .ops import (ColorJitter, EpochState, FusedAugment, Normalize, PCALighting, SampleIndexDecoder,
@@ -50,7 +52,7 @@ ORDERS = {
 _POLL_SECONDS = 1.0
 
 
-class LoaderError(RuntimeError):
+class LoaderError(InputError, RuntimeError):
     """The loader cannot be built from these params or files, or its pipeline thread died."""
 
 

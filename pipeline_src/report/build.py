@@ -4,19 +4,19 @@
 
 Writes `<paths.reports>/report.md`, `<paths.reports>/report.html` (self-contained) and
 `<paths.reports>/figures/*.png`, atomically. Identical inputs give identical files (no timestamps).
+The command (not `build`) then logs those files to an MLflow run `report`.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline_src import params as P
+from pipeline_src import params as P, tracking
+from pipeline_src.errors import run_main
 from pipeline_src.io import write_text
 from pipeline_src.report import plots, tables
-from pipeline_src.report.paper import (COMPARISON_TABLES, TRANSFER_TABLES, PaperNumbersError, load_paper_numbers,
-                                       runs_named)
+from pipeline_src.report.paper import (COMPARISON_TABLES, TRANSFER_TABLES, load_paper_numbers, runs_named)
 from pipeline_src.report.render import Block, Bullets, Figure, Heading, Para, Table, to_html, to_markdown
 from pipeline_src.report.results import ReportInputError, Results, read_json
 
@@ -339,11 +339,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     P.add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        written = build(P.from_args(args))
-    except (P.ParamsError, ReportInputError, PaperNumbersError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for path in written.values():
-        print(f"report: wrote {path}")
-    return 0
+
+    def body() -> None:
+        params = P.from_args(args)
+        written = build(params)
+        for path in written.values():
+            print(f"report: wrote {path}")
+        try:
+            run_id = tracking.log_report(params, written.values())
+        except tracking.TrackingError as exc:
+            raise tracking.TrackingError(f"the report is written, but logging it to MLflow failed: {exc}") from exc
+        print(f"report: logged to MLflow run {run_id}")
+
+    return run_main("report", body)

@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from pipeline_src.errors import InputError
+
 PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.yaml")
 
 # What each table must hold; the report's renderers rely on exactly these keys.
@@ -18,7 +20,7 @@ TRANSFER_TABLES = ("table8", "table9")
 ACCURACY_KEYS = ("top1", "top5")
 
 
-class PaperNumbersError(ValueError):
+class PaperNumbersError(InputError, ValueError):
     """paper_numbers.yaml does not have the shape the report reads."""
 
 

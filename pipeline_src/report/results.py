@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline_src.errors import InputError
+
 METRIC_KEYS = ("top1", "top5", "val_loss", "train_loss", "images_per_s", "wall_time_s")
 TRANSFER_KEYS = {"detection": ("map",), "segmentation": ("pixel_accuracy", "miou")}
 
 
-class ReportInputError(ValueError):
+class ReportInputError(InputError, ValueError):
     """A run output the report cannot read; the message names the file and what to do."""
 
 
@@ -123,7 +125,7 @@ def read_json(path: Path) -> Any:
     """A JSON file, or an error naming it."""
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ReportInputError(f"{path}: not valid JSON ({exc}); delete it and re-run the stage that wrote it") from exc
 
 

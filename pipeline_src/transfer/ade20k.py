@@ -18,6 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from pipeline_src.errors import InputError
 from pipeline_src.transfer.voc import load_rgb
 
 ADE20K_NUM_CLASSES = 150
@@ -25,7 +26,7 @@ IGNORE_INDEX = 255
 SPLITS = ("training", "validation")
 
 
-class ADE20KFormatError(ValueError):
+class ADE20KFormatError(InputError, ValueError):
     """An ADE20K file that is missing or does not follow the format; the message names the file."""
 
 

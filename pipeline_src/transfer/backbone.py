@@ -9,9 +9,9 @@ otherwise fine-tune a different network than the report names.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -21,8 +21,11 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from pipeline_src import checkpoint
+from pipeline_src.errors import DIVERGED, InputError, run_main
+from pipeline_src.io import read_json, sha256
 from pipeline_src import params as P
 from pipeline_src.models.resnet import ResNet
+from pipeline_src.run_folders import run_dir
 
 # The model keys that decide the shape of the weights; `init` and `zero_gamma` only shaped training.
 ARCH_KEYS = ("arch", "depth", "variant", "width", "stem_stride")
@@ -30,8 +33,14 @@ ARCH_KEYS = ("arch", "depth", "variant", "width", "stem_stride")
 DILATION = {8: (False, True, True), 16: (False, False, True), 32: (False, False, False)}
 
 
-class TransferError(ValueError):
+class TransferError(InputError, ValueError):
     """A backbone, dataset or device a transfer stage cannot use; the message names it and what to do."""
+
+
+class Diverged(InputError):
+    """A fine-tune whose loss became non-finite."""
+
+    exit_status = DIVERGED
 
 
 def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,23 +50,20 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     P.add_arguments(parser)
 
 
-def stage_main(argv: list[str] | None, description: str, run: Callable[[dict, str, int], dict],
-               input_errors: tuple[type[Exception], ...]) -> int:
+def stage_main(argv: list[str] | None, stage: str, description: str, run: Callable[[dict, str, int], dict]) -> int:
     """The CLI of a transfer stage: exit 2 on bad input (the message names the file or key), 3 on divergence."""
     parser = argparse.ArgumentParser(description=description)
     add_stage_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        params = P.from_args(args)
-        run(params, args.backbone, params["study"]["seeds"][0] if args.seed is None else args.seed)
-    except (P.ParamsError, TransferError, checkpoint.CheckpointError, *input_errors) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except FloatingPointError as exc:  # a diverged fine-tune; its MLflow run is marked FAILED
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
-    return 0
 
+    def body() -> None:
+        params = P.from_args(args)
+        try:
+            run(params, args.backbone, params["study"]["seeds"][0] if args.seed is None else args.seed)
+        except FloatingPointError as exc:  # a diverged fine-tune; its MLflow run is marked FAILED
+            raise Diverged(str(exc)) from exc
+
+    return run_main(stage, body)
 
 def seed_all(seed: int) -> None:
     """Seed every global RNG a fine-tune draws from (head initialisation, RPN and RoI sampling)."""
@@ -75,7 +81,7 @@ def pick_device(params: dict) -> torch.device:
 
 
 def checkpoint_path(params: dict, run: str, seed: int) -> Path:
-    return Path(params["paths"]["runs"]) / run / f"seed{seed}" / checkpoint.FINAL_NAME
+    return run_dir(params, run, seed) / checkpoint.FINAL_NAME
 
 
 def result_dir(params: dict, task: str, run: str, seed: int) -> Path:
@@ -83,12 +89,34 @@ def result_dir(params: dict, task: str, run: str, seed: int) -> Path:
     return Path(params["paths"]["runs"]) / "transfer" / task / run / f"seed{seed}"
 
 
-def finished_metrics(out: Path) -> dict | None:
-    """The metrics of a completed fine-tune (metrics.json is written last, after model.pt), else None."""
-    if not ((out / "metrics.json").is_file() and (out / checkpoint.FINAL_NAME).is_file()):
-        return None
-    print(f"{out}: already finished, skipping (delete it to re-run)")
-    return json.loads((out / "metrics.json").read_text())
+def transfer_recipe(params: dict, task: str, run: str, seed: int) -> str:
+    """Fingerprint of what shapes a fine-tune: the task's settings, the backbone run's recipe and
+    weights, and the dataset, so a result is never skipped when any of them changed (as train does)."""
+    backbone = checkpoint_path(params, run, seed)
+    data_key = {"detection": "voc_dir", "segmentation": "ade20k_dir"}[task]
+    parts = {
+        "task": task,
+        "settings": params["transfer"][task],
+        "backbone_recipe": P.recipe_of(P.resolve_run(params, run)),
+        "backbone_sha256": sha256(backbone) if backbone.is_file() else None,
+        "data": params["data"][data_key] or params["synthetic"],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def finished_metrics(params: dict, task: str, run: str, seed: int) -> dict | None:
+    """The metrics of a fine-tune finished with these very params and backbone weights, else None."""
+    out = result_dir(params, task, run, seed)
+    metrics = checkpoint.finished_metrics(out, transfer_recipe(params, task, run, seed))
+    if metrics is not None:
+        print(f"{out}: already finished with these params, skipping (delete it to re-run)")
+    return metrics
+
+
+def stamped(params: dict, task: str, run: str, seed: int, metrics: dict) -> dict:
+    """`metrics` with what `finished_metrics` checks: the recipe and the sha256 of the written model.pt."""
+    model = result_dir(params, task, run, seed) / checkpoint.FINAL_NAME
+    return {**metrics, "recipe": transfer_recipe(params, task, run, seed), "model_sha256": sha256(model)}
 
 
 def check_backbone_run(params: dict, run: str, seed: int) -> Path:
@@ -123,7 +151,7 @@ def backbone_top1(params: dict, run: str, seed: int) -> float | None:
     path = checkpoint_path(params, run, seed).with_name("metrics.json")
     if not path.is_file():
         return None
-    return json.loads(path.read_text()).get("top1")
+    return read_json(path).get("top1")
 
 
 def normalization(params: dict, run: str) -> tuple[list[float], list[float]]:

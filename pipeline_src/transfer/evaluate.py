@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from pipeline_src.errors import InputError, run_main
 from pipeline_src.io import write_json
 from pipeline_src.transfer import ade20k, voc
 from pipeline_src.transfer.metrics import (
@@ -44,7 +45,7 @@ BOX_CONVENTIONS = {
 }
 
 
-class PredictionError(ValueError):
+class PredictionError(InputError, ValueError):
     """A predictions file that does not match the format or the dataset; the message names the file."""
 
 
@@ -199,13 +200,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return result
 
 
-def run(argv: Sequence[str] | None = None) -> None:
-    """The command-line entry: a bad dataset or predictions file exits with status 1 and its message."""
-    try:
-        main(argv)
-    except ValueError as exc:  # every format error: VOCFormatError, ADE20KFormatError, PredictionError
-        sys.exit(f"error: {exc}")
+def run(argv: Sequence[str] | None = None) -> int:
+    """The command-line entry: a bad dataset or predictions file exits with status 2 and its message."""
+    return run_main("evaluate", lambda: main(argv))
 
 
 if __name__ == "__main__":
-    run()
+    sys.exit(run())

@@ -38,7 +38,7 @@ def run(params: dict, task: str, backbone: str, seed: int, build: Builder) -> di
 
     `build(params, backbone, seed, checkpoint, device)` runs after the global RNGs are seeded."""
     out = bb.result_dir(params, task, backbone, seed)
-    finished = bb.finished_metrics(out)
+    finished = bb.finished_metrics(params, task, backbone, seed)
     if finished is not None:
         return finished
     start = time.perf_counter()
@@ -64,6 +64,7 @@ def run(params: dict, task: str, backbone: str, seed: int, build: Builder) -> di
         }
         meta = {"run": run_name, "seed": seed, "task": task, "backbone": backbone, **job.meta}
         checkpoint.save_final_model(out / checkpoint.FINAL_NAME, job.model.state_dict(), meta)
+        metrics = bb.stamped(params, task, backbone, seed, metrics)
         write_json(out / "metrics.json", metrics)
         final = {key: metrics[key] for key in (*job.headline, "wall_time_s")}
         tracker.log_metrics(final, step=epochs)

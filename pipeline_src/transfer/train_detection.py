@@ -72,7 +72,7 @@ def run(params: dict, backbone: str, seed: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return bb.stage_main(argv, __doc__.splitlines()[0], run, (voc.VOCFormatError,))
+    return bb.stage_main(argv, "train_detection", __doc__.splitlines()[0], run)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def run(params: dict, backbone: str, seed: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return bb.stage_main(argv, __doc__.splitlines()[0], run, (ade20k.ADE20KFormatError,))
+    return bb.stage_main(argv, "train_segmentation", __doc__.splitlines()[0], run)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from pipeline_src.errors import InputError
+
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -34,7 +36,7 @@ VOC_CLASSES: tuple[str, ...] = (
 BACKGROUND = 0  # the label torchvision detectors reserve; VOCDetection labels start at 1
 
 
-class VOCFormatError(ValueError):
+class VOCFormatError(InputError, ValueError):
     """A VOCdevkit file that is missing or does not follow the format; the message names the file."""
 
 
