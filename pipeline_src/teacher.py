@@ -114,7 +114,7 @@ def import_teacher(cfg: dict, seed: int, out: str | Path | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=None, help="default: the first of study.seeds")
+    parser.add_argument("--seed", type=int, default=None, help="default: teacher.seed")
     parser.add_argument("--out", default=None, help="output folder (default: as the train stage chooses)")
     P.add_arguments(parser)
     args = parser.parse_args(argv)
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         params = P.from_args(args)
         cfg = P.resolve_run(params, params["teacher"]["run"])
-        seed = params["study"]["seeds"][0] if args.seed is None else args.seed
+        seed = params["teacher"]["seed"] if args.seed is None else args.seed
         if params["teacher"]["checkpoint"]:  # always re-checked: a stale import is never trusted
             metrics = import_teacher(cfg, seed, args.out)
         else:

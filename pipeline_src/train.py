@@ -72,10 +72,12 @@ def read_classes(params: dict) -> list[str]:
     return data["wnids"] if isinstance(data, dict) else data
 
 
-def load_teacher(params: dict, seed: int, wnids: list[str], device: torch.device) -> nn.Module:
-    """The frozen teacher that the teacher stage left (trained or imported and already checked)."""
+def load_teacher(params: dict, wnids: list[str], device: torch.device) -> nn.Module:
+    """The frozen teacher that the teacher stage left (trained or imported and already checked).
+
+    It was trained once, with `teacher.seed`: every seed of a student distils from the same teacher."""
     name = params["teacher"]["run"]
-    path = output_dir(with_same_overrides(params, name), name, seed) / "model.pt"
+    path = output_dir(with_same_overrides(params, name), name, params["teacher"]["seed"]) / "model.pt"
     if not path.is_file():
         raise TrainInputError(f"{path} not found: run the teacher stage first (python -m pipeline_src.teacher)")
     state, meta = checkpoint.load_model_weights(path)
@@ -215,7 +217,7 @@ def _train(cfg: dict, run: str, seed: int, out: Path) -> dict | None:
     model = model.to(device)
     if train_cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    teacher = load_teacher(cfg, seed, wnids, device) if train_cfg["distill"] else None
+    teacher = load_teacher(cfg, wnids, device) if train_cfg["distill"] else None
 
     local_batch = train_cfg["batch_size"] // ddp.world
     betons = betons_dir(cfg)
