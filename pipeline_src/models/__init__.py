@@ -3,7 +3,6 @@ MobileNetV2 (never pretrained: nothing is downloaded), all initialised by the sa
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models import inception_v3, mobilenet_v2
 
 from ..tricks.zero_gamma import apply_zero_gamma
 from .resnet import ResNet, init_weights
@@ -24,6 +23,8 @@ def build_model(model_cfg: dict, num_classes: int) -> nn.Module:
             stem_stride=model_cfg["stem_stride"],
         )
     elif arch == "inception_v3":
+        from torchvision.models import inception_v3  # torchvision.models costs ~2 s of imports per job
+
         if model_cfg["width"] != 1.0:
             raise ValueError(
                 f"model.width is {model_cfg['width']} but inception_v3 has no width multiplier; "
@@ -32,6 +33,8 @@ def build_model(model_cfg: dict, num_classes: int) -> nn.Module:
         model = inception_v3(weights=None, num_classes=num_classes, aux_logits=False, init_weights=False)
         init_weights(model, model_cfg["init"])
     elif arch == "mobilenet_v2":
+        from torchvision.models import mobilenet_v2
+
         model = mobilenet_v2(weights=None, num_classes=num_classes, width_mult=model_cfg["width"])
         init_weights(model, model_cfg["init"])
     else:

@@ -4,9 +4,10 @@ gamma = 0 in the last BN of each residual branch makes the block output its shor
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
-from torchvision.models.mobilenetv2 import InvertedResidual
 
 
 def residual_last_bns(model: nn.Module) -> list[nn.BatchNorm2d]:
@@ -16,9 +17,13 @@ def residual_last_bns(model: nn.Module) -> list[nn.BatchNorm2d]:
     `bn3` BN; MobileNetV2's InvertedResidual counts when it has its shortcut (`use_res_connect`), its
     last BN being the last one of its `conv` branch.
     """
+    # A model holding InvertedResidual blocks was built by torchvision, which imported their module;
+    # importing it here would cost every ResNet job ~2 s (torchvision.models pulls in torch._dynamo).
+    mobilenetv2 = sys.modules.get("torchvision.models.mobilenetv2")
+    inverted = mobilenetv2.InvertedResidual if mobilenetv2 is not None else ()
     found = []
     for module in model.modules():
-        if isinstance(module, InvertedResidual):
+        if isinstance(module, inverted):
             if module.use_res_connect:
                 found.append([m for m in module.conv.modules() if isinstance(m, nn.BatchNorm2d)][-1])
         elif hasattr(module, "downsample") and isinstance(getattr(module, "bn3", None), nn.BatchNorm2d):
