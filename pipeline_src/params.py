@@ -154,7 +154,7 @@ SCHEMA: dict[str, Any] = {
         "std": _list(_float(1e-6), length=3),
     },
     "model": {
-        "arch": _str(["resnet", "inception_v3", "mobilenet_v2"]),
+        "arch": _str(["resnet", "inception_v3", "mobilenet_v2", "plain_cnn"]),
         "depth": _int(choices=(26, 50, 101, 152)),
         "variant": _str(["A", "B", "C", "D"]),
         "width": _float(0.0625, 4.0),

@@ -230,3 +230,14 @@ def test_stem_stride_sets_the_feature_map_sizes_and_keeps_the_weights(variant, s
 def test_stem_stride_outside_the_choices_is_refused():
     with pytest.raises(ValueError, match="stem_stride 3"):
         ResNet(26, "A", 0.0625, 5, "xavier", stem_stride=3)
+
+
+def test_plain_cnn_reference_keeps_every_pixel_and_has_no_residual_block():
+    model = build_model(cfg(arch="plain_cnn", width=0.25), 10).eval()
+    assert [m.out_channels for m in model if isinstance(m, nn.Conv2d)] == [32, 64, 128, 256]
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    images = torch.randn(1, 3, 32, 32, requires_grad=True)
+    model(images).sum().backward()
+    assert (images.grad.abs().amax(dim=1) > 0).all()  # no strided conv drops a pixel
+    with pytest.raises(ValueError, match="no residual blocks"):
+        build_model(cfg(arch="plain_cnn", zero_gamma=True), 10)
