@@ -204,3 +204,21 @@ def test_progress_lines_every_n_steps_only_when_asked(tmp_path, capsys):
     assert stats["train_loss"] > 0
     _one_epoch(tmp_path, _Batches(6, None, 4), "monitor.finite_check_every=2")  # auto: stderr is no TTY here
     assert capsys.readouterr().err == ""
+
+
+def test_global_batchnorm_under_bf16_autocast_matches_batchnorm(tmp_path):
+    """The CPU twin of SyncBatchNorm in a 1-process gloo group: fp32 statistics, output in the input's dtype."""
+    import torch.distributed as dist
+
+    from pipeline_src.distributed import GlobalBatchNorm2d
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        x = (torch.randn(8, 4, 6, 6, generator=torch.Generator().manual_seed(0)) * 3 + 1).to(torch.bfloat16)
+        plain, synced = torch.nn.BatchNorm2d(4), GlobalBatchNorm2d(4)
+        out_plain, out_synced = plain(x), synced(x)
+    finally:
+        dist.destroy_process_group()
+    assert out_synced.dtype == torch.bfloat16
+    torch.testing.assert_close(out_synced, out_plain)
+    torch.testing.assert_close(synced.running_var, plain.running_var)
