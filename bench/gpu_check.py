@@ -343,6 +343,7 @@ def check_checkpoint(ctx: dict) -> dict:
     path = Path(ctx["tmp"]) / "last.pt"
     deterministic = torch.backends.cudnn.deterministic
     torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         model, optimizer, scheduler, scaler = setup_run(cfg, device, 4)
         run_epoch(model, optimizer, scheduler, scaler, cfg, device, batches())
@@ -364,6 +365,7 @@ def check_checkpoint(ctx: dict) -> dict:
         run_epoch(resumed, optimizer, scheduler, scaler, cfg, device, batches())
     finally:
         torch.backends.cudnn.deterministic = deterministic
+        torch.use_deterministic_algorithms(False)
     if saved_scale != loaded_scale:
         raise AssertionError(f"GradScaler scale {saved_scale} saved but {loaded_scale} resumed")
     worst = max((straight[k].float() - v.float()).abs().max().item()

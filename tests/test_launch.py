@@ -74,7 +74,7 @@ def test_slurm_jobs_count_the_allocation_and_start_one_task_per_node():
     assert launch.first_host("node3,node4") == "node3" and launch.first_host("a[1-4]") == "a1"
 
 
-def test_slurm_submission_asks_the_plugins_gpu_resources(micro, tmp_path):
+def test_slurm_submission_asks_the_plugins_gpu_resources(tmp_path):
     """The slurm profile through snakemake-executor-plugin-slurm, a fake sbatch recording its arguments."""
     pytest.importorskip("snakemake_executor_plugin_slurm")
     import yaml
@@ -103,7 +103,8 @@ def test_slurm_submission_asks_the_plugins_gpu_resources(micro, tmp_path):
     env = {**os.environ, "PATH": f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}", "FAKE_SLURM_LOG": str(log)}
     target = yaml.safe_load(params.read_text())["paths"]["runs"] + "/baseline/seed0/metrics.json"
     subprocess.run([sys.executable, "-m", "snakemake", target, "--workflow-profile", str(profile), "--slurm-no-account",
-                    "--allowed-rules", "train", "--config", f"params_file={params}"], cwd=ROOT, env=env,
+                    "--allowed-rules", "train", "--slurm-init-seconds-before-status-checks", "1",
+                    "--config", f"params_file={params}"], cwd=ROOT, env=env,
                    capture_output=True, text=True, timeout=240)
     args = log.read_text().splitlines()
     assert {"--nodes=2", "--ntasks=2", "--gres=gpu:8", "--cpus-per-task=64", "gpu"} <= set(args)
