@@ -177,9 +177,9 @@ def train_one_epoch(model, teacher, loader, optimizer, scheduler, scaler, cfg: d
             )
         if show:
             elapsed = time.perf_counter() - start
-            eta = elapsed / (step + 1) * (iters - step - 1)
+            minutes, seconds = divmod(round(elapsed / (step + 1) * (iters - step - 1)), 60)
             print(f"epoch {epoch} step {step + 1}/{iters} loss {loss_sum / seen:.4f} "
-                  f"{seen * world / elapsed:.0f} images/s ETA {eta // 60:.0f}:{eta % 60:02.0f}",
+                  f"{seen * world / elapsed:.0f} images/s ETA {minutes}:{seconds:02d}",
                   file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - start
     return {"train_loss": loss_sum / max(seen, 1), "images_per_s": seen / elapsed}, lr_points
