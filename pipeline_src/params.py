@@ -185,6 +185,13 @@ SCHEMA: dict[str, Any] = {
         "sync_bn": _bool(),
         "eval_every": _int(1),
     },
+    "monitor": {
+        "finite_check_every": _int(1),
+        "progress": _str(["auto", "always", "never"]),
+    },
+    "launch": {
+        "nodes": _int(1),
+    },
     "distill": {
         "temperature": _float(1e-6),
         "weight": _float(0.0),

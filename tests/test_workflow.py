@@ -75,7 +75,7 @@ def test_conda_envs_keep_the_pip_pins():
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = _pins(project["dependencies"])
+    wanted = _pins(project["dependencies"] + project["optional-dependencies"]["slurm"])
     for env_file in sorted((ROOT / "workflow" / "envs").glob("*.yaml")):
         deps = yaml.safe_load(env_file.read_text())["dependencies"]
         pip = next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d)

@@ -17,9 +17,10 @@ rule teacher:
         teacher=config["teacher"],
     resources:
         gpu=1,
+        **TRAIN_NODES,
     threads: config["loader"]["num_workers"]
     shell:
-        f"{PY}.teacher {ARGS} --seed {{wildcards.seed}}"
+        f"{PY}.launch {LAUNCH} -- pipeline_src.teacher {ARGS} --seed {{wildcards.seed}}"
 
 
 ruleorder: teacher > train

@@ -13,6 +13,14 @@ def teacher_input(wildcards):
     return [f"{RUNS}/{TEACHER}/seed{wildcards.seed}/model.pt"]
 
 
+# launch.nodes > 1: the slurm plugin's `mpi` path (no srun around the job: the launcher runs one srun
+# task per node itself); tasks_per_gpu=0 keeps the plugin from reading `tasks` as --ntasks-per-gpu.
+TRAIN_NODES = {"nodes": config["launch"]["nodes"]}
+if config["launch"]["nodes"] > 1:
+    TRAIN_NODES.update(mpi="srun", tasks=config["launch"]["nodes"], tasks_per_gpu=0)
+LAUNCH = "--gpus {resources.gpu} --nodes {resources.nodes}"
+
+
 rule train:
     input:
         rules.prepare.output.train,
@@ -29,7 +37,8 @@ rule train:
         run="[A-Za-z0-9_.-]+",  # no slash: transfer/... belongs to the transfer rules
         seed=r"\d+",
     resources:
-        gpu=1,
+        gpu=1,  # per node; pipeline_src.launch runs one process per GPU and gives local jobs their own GPUs
+        **TRAIN_NODES,
     threads: config["loader"]["num_workers"]
     shell:
-        f"{PY}.train {ARGS} --run {{wildcards.run}} --seed {{wildcards.seed}}"
+        f"{PY}.launch {LAUNCH} -- pipeline_src.train {ARGS} --run {{wildcards.run}} --seed {{wildcards.seed}}"
