@@ -25,11 +25,13 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from pipeline_src.errors import InputError, run_main
+
 LOCK_DIR = Path(os.environ.get("XDG_RUNTIME_DIR", "/tmp")) / "pipeline-gpu-slots"
 POLL_S = 2.0
 
 
-class LaunchError(RuntimeError):
+class LaunchError(InputError, RuntimeError):
     """The job cannot be started as asked; the message says what to change."""
 
 
@@ -152,7 +154,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     env = dict(os.environ)
-    try:
+
+    def body() -> int:
         command, claim = plan(opts, env)
         with claim_gpus(claim, machine_gpus(env), opts.lock_dir, opts.wait) if claim else \
                 contextlib.nullcontext([]) as slots:
@@ -163,9 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(" ".join(command))
                 return 0
             return subprocess.run(command, env=env).returncode
-    except LaunchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+    return run_main("launch", body)
 
 
 if __name__ == "__main__":

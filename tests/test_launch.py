@@ -60,6 +60,13 @@ def test_local_commands_follow_the_gpu_count():
         _plan("--nodes", "2", PIPELINE_GPUS="0")
 
 
+def test_a_job_that_cannot_start_is_one_line_and_exit_2(monkeypatch, capsys):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert launch.main(["--nodes", "2", *TRAIN]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("launch: error: launch.nodes is 2 but this is no SLURM job")
+
+
 def test_slurm_jobs_count_the_allocation_and_start_one_task_per_node():
     single, claim = _plan("--gpus", "0", SLURM_JOB_ID="77", CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7")
     assert single[2:6] == ["torch.distributed.run", "--standalone", "--nproc_per_node", "8"] and claim == 0
@@ -116,28 +123,28 @@ def test_slurm_submission_asks_the_plugins_gpu_resources(tmp_path):
 def test_two_nodes_of_one_process_match_one_process(micro, tmp_path):
     """Two torchrun agents (--nnodes 2, gloo, localhost) end where one process does on the same global batch,
     with the LR scaled from the global batch: the batch split, LR and distributed reader follow the world size."""
-    same = ["--run", "baseline", "--set", "train.epochs=1", "--set", "train.batch_size=48",
-            "--set", "train.base_batch=16", "--set", "train.linear_scaling=true", "--set", "train.base_lr=0.00003",
-            "--set", "train.sync_bn=true", "--set", "loader.order=sequential", "--set", "augment.crop_area=[1.0, 1.0]",
-            "--set", "augment.crop_ratio=[1.0, 1.0]", "--set", "augment.flip=false", "--set", "augment.brightness=0",
-            "--set", "augment.contrast=0", "--set", "augment.saturation=0", "--set", "augment.lighting_std=0",
-            "--set", "train.channels_last=false"]
+    same = ["--run", "baseline", "--set", "train.epochs=1", "--set", "train.step_milestones=[]",
+            "--set", "train.batch_size=48", "--set", "train.base_batch=16", "--set", "train.linear_scaling=true",
+            "--set", "train.base_lr=0.00003", "--set", "train.sync_bn=true", "--set", "loader.order=sequential",
+            "--set", "augment.crop_area=[1.0, 1.0]", "--set", "augment.crop_ratio=[1.0, 1.0]",
+            "--set", "augment.flip=false", "--set", "augment.brightness=0", "--set", "augment.contrast=0",
+            "--set", "augment.saturation=0", "--set", "augment.lighting_std=0", "--set", "train.channels_last=false"]
     single, nodes = tmp_path / "single", tmp_path / "nodes"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     base = ["-m", "pipeline_src.train", "--", "--params", str(micro)]
-    subprocess.run([sys.executable, *base[:2], *base[3:], "--set", f"paths.runs={single}", *same], check=True,
+    subprocess.run([sys.executable, *base[:2], *base[3:], "--out", str(single), *same], check=True,
                    capture_output=True, timeout=300, env=env)
     port = launch.rendezvous_port(str(os.getpid()))
     agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                                 "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
-                                *base, "--set", f"paths.runs={nodes}", *same],
+                                *base, "--out", str(nodes), *same],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     outputs = [agent.communicate(timeout=300)[0] for agent in agents]
     assert [a.returncode for a in agents] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
-    a, _ = load_model_weights(single / "baseline" / "seed0" / "model.pt")
-    b, _ = load_model_weights(nodes / "baseline" / "seed0" / "model.pt")
+    a, _ = load_model_weights(single / "model.pt")
+    b, _ = load_model_weights(nodes / "model.pt")
     for key in (k for k in a if a[k].is_floating_point() and "running" not in k):
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=2e-6, msg=key)
-    h1 = json.loads((single / "baseline" / "seed0" / "history.json").read_text())
-    h2 = json.loads((nodes / "baseline" / "seed0" / "history.json").read_text())
+    h1 = json.loads((single / "history.json").read_text())
+    h2 = json.loads((nodes / "history.json").read_text())
     assert h1["lr_curve"] == h2["lr_curve"] and h1["lr_curve"][0][1] == pytest.approx(0.00003 * 48 / 16)
