@@ -144,10 +144,6 @@ def ablation_runs(params: dict) -> dict[str, list[str]]:
             "loo": [r for r in names if r.startswith("loo-")]}
 
 
-def _metrics_out(path: str) -> dict:
-    return {path: {"cache": False}}
-
-
 def _run_stage(params: dict, root: Path, args: str, runs: list[str], module: str, teacher: bool) -> dict:
     data, out = params["paths"]["data"], f"{params['paths']['runs']}/${{item.run}}/seed${{item.seed}}"
     deps = [f"{data}/betons/{b}" for b in BETONS] + [plan_file(params, "train", "${item.run}")]
@@ -157,13 +153,15 @@ def _run_stage(params: dict, root: Path, args: str, runs: list[str], module: str
         "matrix": {"run": runs, "seed": params["study"]["seeds"]},
         "cmd": f"python -m {module} {args} --run ${{item.run}} --seed ${{item.seed}}",
         "deps": deps + stage_code(root, "train"),
-        "outs": [f"{out}/model.pt", {f"{out}/history.json": {"cache": False}}],
-        "metrics": [_metrics_out(f"{out}/metrics.json")],
+        "outs": [f"{out}/model.pt", f"{out}/history.json"],
+        "metrics": [f"{out}/metrics.json"],
     }
 
 
 def dvc_yaml(params: dict, params_file: str, root: str | Path = ".", wdir: str = ".") -> dict:
-    """dvc.yaml for one profile, built from the same run matrix, paths and settings as the Snakefile."""
+    """dvc.yaml for one profile, built from the same run matrix, paths and settings as the Snakefile.
+    Every output is cached (metrics and plan files too): data/ and reports/ are not in git, so a
+    `dvc pull` on another machine must bring all of them."""
     root = Path(root)
     data, runs_dir, reports = params["paths"]["data"], params["paths"]["runs"], params["paths"]["reports"]
     args = f"--params {params_file}"
@@ -174,7 +172,7 @@ def dvc_yaml(params: dict, params_file: str, root: str | Path = ".", wdir: str =
             "cmd": f"python -m pipeline_src.plan {args}",
             "deps": [os.path.relpath(f, root) for f in P.profile_files(root / params_file)]
                     + stage_code(root, "plan"),
-            "outs": [{path: {"cache": False}} for path in plan_files(params)],
+            "outs": list(plan_files(params)),
         },
     }
     if not params["data"]["imagenet_dir"] or not params["data"]["voc_dir"] or not params["data"]["ade20k_dir"]:
@@ -199,8 +197,8 @@ def dvc_yaml(params: dict, params_file: str, root: str | Path = ".", wdir: str =
             "deps": [f"{data}/betons/{b}" for b in BETONS] + [plan_file(params, "teacher", teacher)]
                     + ([params["teacher"]["checkpoint"]] if params["teacher"]["checkpoint"] else [])
                     + stage_code(root, "teacher"),
-            "outs": [f"{out}/model.pt", {f"{out}/history.json": {"cache": False}}],
-            "metrics": [_metrics_out(f"{out}/metrics.json")],
+            "outs": [f"{out}/model.pt", f"{out}/history.json"],
+            "metrics": [f"{out}/metrics.json"],
         },
     }
     stages["distill"] = _run_stage(params, root, args, params["study"]["distilled"], "pipeline_src.train", True)
@@ -217,7 +215,7 @@ def dvc_yaml(params: dict, params_file: str, root: str | Path = ".", wdir: str =
                     + ([] if params["data"][data_key] else [f"{synthetic}/manifest.json"])
                     + [plan_file(params, stage)] + stage_code(root, stage),
             "outs": [f"{out}/model.pt"],
-            "metrics": [_metrics_out(f"{out}/metrics.json")],
+            "metrics": [f"{out}/metrics.json"],
         }
     report_runs = params["study"]["tables"] + params["study"]["distilled"] + [teacher]
     stages["report"] = {
@@ -227,7 +225,7 @@ def dvc_yaml(params: dict, params_file: str, root: str | Path = ".", wdir: str =
                    for task in ("detection", "segmentation") for backbone in params["transfer"]["backbones"]
                    for seed in seeds]
                 + [plan_file(params, "report")] + stage_code(root, "report"),
-        "outs": [{f"{reports}/report.md": {"cache": False}}, {f"{reports}/report.html": {"cache": False}}],
+        "outs": [f"{reports}/report.md", f"{reports}/report.html"],
     }
     if wdir != ".":
         for stage in stages.values():
