@@ -144,14 +144,15 @@ def ablation_runs(params: dict) -> dict[str, list[str]]:
             "loo": [r for r in names if r.startswith("loo-")]}
 
 
-def _run_stage(params: dict, root: Path, args: str, runs: list[str], module: str, teacher: bool) -> dict:
+def _run_stage(params: dict, root: Path, args: str, runs: list[str], teacher: bool) -> dict:
+    """A matrix of training jobs (run x seed); distilled students also wait for the teacher."""
     data, out = params["paths"]["data"], f"{params['paths']['runs']}/${{item.run}}/seed${{item.seed}}"
     deps = [f"{data}/betons/{b}" for b in BETONS] + [plan_file(params, "train", "${item.run}")]
     if teacher:
         deps.append(f"{params['paths']['runs']}/{params['teacher']['run']}/seed${{item.seed}}/model.pt")
     return {
         "matrix": {"run": runs, "seed": params["study"]["seeds"]},
-        "cmd": f"python -m {module} {args} --run ${{item.run}} --seed ${{item.seed}}",
+        "cmd": f"python -m pipeline_src.train {args} --run ${{item.run}} --seed ${{item.seed}}",
         "deps": deps + stage_code(root, "train"),
         "outs": [f"{out}/model.pt", f"{out}/history.json"],
         "metrics": [f"{out}/metrics.json"],
@@ -188,7 +189,7 @@ def dvc_yaml(params: dict, params_file: str, root: str | Path = ".", wdir: str =
                 + [plan_file(params, "prepare")] + stage_code(root, "prepare"),
         "outs": [f"{data}/betons/{name}" for name in (*BETONS, "manifest.json")],
     }
-    stages["train"] = _run_stage(params, root, args, params["study"]["tables"], "pipeline_src.train", False)
+    stages["train"] = _run_stage(params, root, args, params["study"]["tables"], False)
     out = f"{runs_dir}/{teacher}/seed${{item}}"
     stages["teacher"] = {
         "foreach": seeds,
@@ -201,9 +202,9 @@ def dvc_yaml(params: dict, params_file: str, root: str | Path = ".", wdir: str =
             "metrics": [f"{out}/metrics.json"],
         },
     }
-    stages["distill"] = _run_stage(params, root, args, params["study"]["distilled"], "pipeline_src.train", True)
+    stages["distill"] = _run_stage(params, root, args, params["study"]["distilled"], True)
     for group, names in ablation_runs(params).items():
-        stages[group] = _run_stage(params, root, args, names, "pipeline_src.train", False)
+        stages[group] = _run_stage(params, root, args, names, False)
     for task, data_key, folder in (("detection", "voc_dir", "VOCdevkit"),
                                    ("segmentation", "ade20k_dir", "ADEChallengeData2016")):
         stage = f"transfer_{task}"

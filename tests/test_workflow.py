@@ -206,3 +206,16 @@ def test_imagenet_overlay_is_selectable_in_snakemake_and_dvc_with_its_own_roots(
     assert "configs/imagenet.yaml" in stages["data/imagenet/plan/runs/efficient.json"][1]  # overlay + base
     assert "params.yaml" in stages["data/imagenet/plan/runs/efficient.json"][1]
     assert all(path.startswith(("data/imagenet/", "reports/imagenet/")) for path in stages)
+
+
+def test_plan_rewrites_only_the_files_of_jobs_whose_settings_changed(tmp_path):
+    from pipeline_src.plan import write_plan
+
+    params = P.load(ROOT / "params.yaml", [f"paths.data={tmp_path / 'data'}"])
+    assert len(write_plan(params)) == len(G.plan_files(params))
+    assert write_plan(params) == []
+    params["tricks"]["mixup"]["train.mixup_alpha"] = 0.3
+    using = {G.plan_file(params, "train", run) for run in P.all_run_names(params)
+             if "mixup" in P.resolve_run(params, run)["run"]["tricks"]}
+    assert "loo-mixup" not in str(using) and G.plan_file(params, "train", "t6-mixup") in using
+    assert set(write_plan(params)) == using
