@@ -503,11 +503,13 @@ def _read_profile(path: Path) -> dict:
         over = _read_yaml(overlay)
         over.pop("extends")
         base, raw = raw, _overlay(raw, over, SCHEMA)
-        if raw.get("paths") == base.get("paths"):
+        base_paths, paths = base.get("paths") or {}, raw.get("paths") or {}
+        shared = [f"paths.{key}" for key in paths if isinstance(base_paths, dict) and base_paths.get(key) == paths[key]]
+        if shared:
             raise ParamsError(
-                f"{overlay}: key 'paths' is the same as in the profile it extends; give the overlay "
-                "its own paths.data, paths.runs and paths.reports so the two profiles do not "
-                "overwrite each other's betons, runs and reports"
+                f"{overlay}: key(s) {shared} are the same as in the profile it extends ({files[0]}); "
+                "give the overlay its own paths.data, paths.runs and paths.reports so the two "
+                "profiles do not overwrite each other's betons, runs and reports"
             )
     return raw
 

@@ -224,8 +224,10 @@ def test_overlay_inherits_every_base_key_and_replaces_recipes_whole(tmp_path):
 def test_overlay_errors_name_the_overlay(tmp_path):
     with pytest.raises(P.ParamsError, match=r"overlay.yaml: unknown key 'train.epohcs'"):
         P.load(_overlay(tmp_path, {**OWN_PATHS, "train": {"epohcs": 3}}))
-    with pytest.raises(P.ParamsError, match=r"overlay.yaml: key 'paths' is the same as in the profile"):
+    with pytest.raises(P.ParamsError, match=r"overlay.yaml: key\(s\) \['paths.data', 'paths.runs', 'paths.reports'\]"):
         P.load(_overlay(tmp_path, {"train": {"epochs": 3}}))
+    with pytest.raises(P.ParamsError, match=r"overlay.yaml: key\(s\) \['paths.reports'\] are the same"):
+        P.load(_overlay(tmp_path, {"paths": {"data": "d2", "runs": "d2/runs"}}))
     (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
     with pytest.raises(P.ParamsError, match="cycle of profiles"):
         P.load(tmp_path / "loop.yaml")
