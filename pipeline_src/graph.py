@@ -211,7 +211,8 @@ def dvc_yaml(params: dict, params_file: str, root: str | Path = ".", wdir: str =
         out = f"{runs_dir}/transfer/{task}/${{item.backbone}}/seed${{item.seed}}"
         stages[stage] = {
             "matrix": {"backbone": params["transfer"]["backbones"], "seed": seeds},
-            "cmd": f"python -m pipeline_src.transfer.train_{task} {args} --backbone ${{item.backbone}} --seed ${{item.seed}}",
+            "cmd": f"python -m pipeline_src.transfer.train_{task} {args} "
+                   "--backbone ${item.backbone} --seed ${item.seed}",
             "deps": [f"{runs_dir}/${{item.backbone}}/seed${{item.seed}}/model.pt"]
                     + ([] if params["data"][data_key] else [f"{synthetic}/manifest.json"])
                     + [plan_file(params, stage)] + stage_code(root, stage),

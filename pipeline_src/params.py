@@ -504,7 +504,8 @@ def _read_profile(path: Path) -> dict:
         over.pop("extends")
         base, raw = raw, _overlay(raw, over, SCHEMA)
         base_paths, paths = base.get("paths") or {}, raw.get("paths") or {}
-        shared = [f"paths.{key}" for key in paths if isinstance(base_paths, dict) and base_paths.get(key) == paths[key]]
+        shared = [f"paths.{key}" for key in paths
+                  if isinstance(base_paths, dict) and base_paths.get(key) == paths[key]]
         if shared:
             raise ParamsError(
                 f"{overlay}: key(s) {shared} are the same as in the profile it extends ({files[0]}); "

@@ -28,7 +28,8 @@ SNAKEMAKE = [str(BIN / "snakemake"), "--cores", "2", "--max-checksum-file-size",
 def _run(cmd: list[str], cwd: Path, path: str = "", ok: bool = True) -> str:
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900,
                             env={**os.environ, "PATH": f"{path}{BIN}:{os.environ['PATH']}"})
-    assert (result.returncode == 0) == ok, f"{' '.join(cmd)}: exit {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    assert (result.returncode == 0) == ok, (
+        f"{' '.join(cmd)}: exit {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result.stdout + result.stderr
 
 
