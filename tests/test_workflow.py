@@ -67,10 +67,10 @@ def test_dvc_yaml_is_what_the_graph_generates():
     )
 
 
-def test_snakemake_and_dvc_run_the_same_jobs_on_the_same_inputs_settings_and_code(jobs):
-    params = P.load(ROOT / "params.yaml")
+def _assert_one_graph(jobs: list, dvc: dict[str, tuple[str, set[str]]], params: dict) -> None:
+    """Each Snakemake job is a DVC stage with the same outputs, its inputs + its stage's code as
+    deps, and a plan file holding exactly the job's settings."""
     plans = G.plan_files(params)
-    dvc = dvc_stages()
     smk = {out: job for job in jobs for out in job.output}
     code = {stage: set(G.stage_code(ROOT, stage)) for stage in G.STAGE_MODULES}
     hashes = {stage: G.code_hash(ROOT, stage) for stage in G.STAGE_MODULES}
@@ -86,6 +86,10 @@ def test_snakemake_and_dvc_run_the_same_jobs_on_the_same_inputs_settings_and_cod
         assert plans[plan] == job.params.settings, f"{output}: DVC's {plan} is not the job's settings"
         assert deps - {plan} == set(job.input) | code[rule], f"{output}: DVC deps differ from the job's inputs + code"
         assert job.params.code == hashes[rule]
+
+
+def test_snakemake_and_dvc_run_the_same_jobs_on_the_same_inputs_settings_and_code(jobs):
+    _assert_one_graph(jobs, dvc_stages(), P.load(ROOT / "params.yaml"))
 
 
 def test_every_job_has_the_project_env_a_log_and_training_a_benchmark(jobs):
@@ -188,6 +192,7 @@ def test_stage_code_follows_imports_and_its_hash_moves_only_with_that_code(tmp_p
 
 
 def test_imagenet_overlay_is_selectable_in_snakemake_and_dvc_with_its_own_roots(tmp_path):
+    """Also the same graph in both tools: real data (no synthetic stage), its own roots and dvc.yaml."""
     jobs = snakemake_jobs(config={"params_file": "configs/imagenet.yaml"})
     outputs = [out for job in jobs for out in job.output]
     assert outputs and all(out.startswith(("data/imagenet/", "reports/imagenet/")) for out in outputs)
@@ -206,6 +211,7 @@ def test_imagenet_overlay_is_selectable_in_snakemake_and_dvc_with_its_own_roots(
     assert "configs/imagenet.yaml" in stages["data/imagenet/plan/runs/efficient.json"][1]  # overlay + base
     assert "params.yaml" in stages["data/imagenet/plan/runs/efficient.json"][1]
     assert all(path.startswith(("data/imagenet/", "reports/imagenet/")) for path in stages)
+    _assert_one_graph(jobs, stages, P.load(ROOT / "configs" / "imagenet.yaml"))
 
 
 def test_plan_rewrites_only_the_files_of_jobs_whose_settings_changed(tmp_path):
