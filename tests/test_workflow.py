@@ -135,7 +135,8 @@ def test_conda_env_keeps_the_pins_installs_the_project_and_what_ffcv_builds_agai
     assert editable == ["-e ../.."], "the env must install the project itself"
     # pip runs beside the env file: workflow/envs/ here, .snakemake/conda/ when Snakemake builds it
     assert (ENV_FILE.parent / "../..").resolve() == ROOT
-    wanted = _pins(project["dependencies"] + project["optional-dependencies"]["slurm"])
+    extras = project["optional-dependencies"]
+    wanted = _pins(project["dependencies"] + extras["slurm"] + extras["export"])
     assert _pins([r for r in pip if r not in editable]) == wanted, f"{ENV_FILE} pip pins differ from pyproject.toml"
     python = re.search(r">=(3\.\d+)", project["requires-python"]).group(1)
     assert f"python={python}" in deps
@@ -156,7 +157,8 @@ def test_env_pip_section_alone_covers_what_the_stages_import(tmp_path):
     assert project["metadata"]["name"] == "tricks-pipeline"
     assert project["download_info"]["url"] == ROOT.as_uri()
 
-    closure, todo = set(), [Requirement(r) for r in project["metadata"]["requires_dist"]]
+    listed = [Requirement(r) for r in _env_pip() if not r.startswith("-e ")]  # the extras' pins (slurm, export)
+    closure, todo = set(), [Requirement(r) for r in project["metadata"]["requires_dist"]] + listed
     while todo:
         req = todo.pop()
         name = req.name.lower().replace("_", "-")
