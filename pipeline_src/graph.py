@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from pipeline_src import params as P
+from pipeline_src.errors import run_main
 
 # The modules each stage runs (`python -m <module>`): training goes through the GPU launcher, whose
 # code is the stage's code too.
@@ -271,18 +272,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write this dvc.yaml (profiles/<name>/dvc.yaml for a profile "
                         "other than params.yaml, where the Snakefile looks for it) instead of stdout")
     args = parser.parse_args(argv)
-    try:
-        text = render(args.params, args.out or dvc_file(args.params))
-    except P.ParamsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.out:
-        from pipeline_src.io import write_text
 
-        write_text(args.out, text)
-    else:
-        sys.stdout.write(text)
-    return 0
+    def body() -> None:
+        text = render(args.params, args.out or dvc_file(args.params))
+        if args.out:
+            from pipeline_src.io import write_text
+
+            write_text(args.out, text)
+        else:
+            sys.stdout.write(text)
+
+    return run_main("graph", body)
 
 
 if __name__ == "__main__":

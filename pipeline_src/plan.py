@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from pipeline_src import params as P
+from pipeline_src.errors import run_main
 from pipeline_src.graph import plan_files
 from pipeline_src.io import write_text
 
@@ -29,14 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     P.add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         params = P.from_args(args)
-    except P.ParamsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    written = write_plan(params)
-    print(f"plan: {len(written)} of {len(plan_files(params))} files changed")
-    return 0
+        written = write_plan(params)
+        print(f"plan: {len(written)} of {len(plan_files(params))} files changed")
+
+    return run_main("plan", body)
 
 
 if __name__ == "__main__":
