@@ -7,6 +7,7 @@
 #   `snakemake ablations` adds the single-trick and leave-one-out runs (and re-renders the report).
 from pathlib import Path
 
+from pipeline_src import graph as G
 from pipeline_src import params as P
 
 PARAMS_FILE = config.get("params_file", "params.yaml")
@@ -20,17 +21,14 @@ TABLE_RUNS = config["study"]["tables"]
 DISTILLED = config["study"]["distilled"]
 ABLATION_RUNS = [r for r in P.all_run_names(config) if r.startswith(("single-", "loo-"))]
 BACKBONES = config["transfer"]["backbones"]
+# Each job's code is a tracked input: the hash of the files its stage imports (pipeline_src.graph,
+# which also lists them as DVC deps), so editing pipeline_src/train.py re-runs the training jobs.
+CODE = {stage: G.code_hash(workflow.basedir, stage) for stage in G.STAGE_MODULES}
+# Every job's stdout and stderr go to its log (`log:`), which Snakemake names when the job fails.
+LOGGED = " > {log} 2>&1"
 
 
-def run_metrics(runs):
-    return expand(f"{RUNS}/{{run}}/seed{{seed}}/metrics.json", run=runs, seed=SEEDS)
-
-
-def transfer_metrics():
-    return expand(f"{RUNS}/transfer/{{task}}/{{backbone}}/seed{{seed}}/metrics.json",
-                  task=["detection", "segmentation"], backbone=BACKBONES, seed=SEEDS)
-
-
+include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/distill.smk"
@@ -48,15 +46,25 @@ rule ablations:
     input:
         run_metrics(ABLATION_RUNS),
         f"{REPORTS}/report.md",
+    log:
+        "logs/ablations/report.log",
+    conda:
+        "workflow/envs/pipeline.yaml"
     shell:
-        f"{PY}.report {ARGS}"
+        f"{PY}.report {ARGS}{LOGGED}"
 
 
 onsuccess:
     # Record what this run produced in dvc.lock (and the DVC cache), so `dvc status` agrees afterwards.
-    stages = ["prepare", "train", "teacher", "distill", "transfer_detection", "transfer_segmentation", "report"]
+    # The plan files are DVC's copy of the settings each job ran with (Snakemake's `params:`).
+    # Only the dvc.yaml generated for this profile (`python -m pipeline_src.graph`) records its outputs.
+    dvc_file = G.dvc_file(PARAMS_FILE)
+    stages = ["plan", "prepare", "train", "teacher", "distill", "transfer_detection", "transfer_segmentation",
+              "report"]
     if Path(rules.synthetic.output.manifest).exists():
-        stages.insert(0, "synthetic")
+        stages.insert(1, "synthetic")
     if all(Path(p).exists() for p in run_metrics(ABLATION_RUNS)):
         stages += ["single", "loo"]
-    shell(f"dvc commit --force --quiet {' '.join(stages)}")
+    if Path(dvc_file).exists():
+        targets = " ".join(f"{dvc_file}:{stage}" for stage in stages)
+        shell(f"{PY}.plan {ARGS} > /dev/null && dvc commit --force --quiet {targets}")

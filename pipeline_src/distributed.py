@@ -45,6 +45,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized()):
             return super().forward(x)
+        # statistics in fp32 (bf16 sums lose the variance); the output in the input's dtype, as BatchNorm2d's
+        dtype, x = x.dtype, x.float()
         count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
         count = dist_fn.all_reduce(count)
         mean = dist_fn.all_reduce(x.sum(dim=(0, 2, 3))) / count
@@ -58,8 +60,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
                 self.running_var.lerp_(unbiased.detach(), self.momentum)
         scale = torch.rsqrt(var + self.eps)
         if self.affine:
-            return centred * (scale * self.weight)[None, :, None, None] + self.bias[None, :, None, None]
-        return centred * scale[None, :, None, None]
+            return (centred * (scale * self.weight)[None, :, None, None] + self.bias[None, :, None, None]).to(dtype)
+        return (centred * scale[None, :, None, None]).to(dtype)
 
 
 def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:

@@ -2,6 +2,8 @@
 
 Every key must be present in the file (no stage keeps hidden defaults) and every key must be known
 to SCHEMA below; a mistake names the key, its path and the file, and suggests the closest key.
+A profile such as configs/imagenet.yaml is an overlay: `extends: ../params.yaml` and only the keys
+that differ, deep-merged onto its base before validation (so every key is still required).
 """
 from __future__ import annotations
 
@@ -185,6 +187,13 @@ SCHEMA: dict[str, Any] = {
         "compile": _bool(),
         "sync_bn": _bool(),
         "eval_every": _int(1),
+    },
+    "monitor": {
+        "finite_check_every": _int(1),
+        "progress": _str(["auto", "always", "never"]),
+    },
+    "launch": {
+        "nodes": _int(1),
     },
     "distill": {
         "temperature": _float(1e-6),
@@ -523,7 +532,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _read_yaml(text: str, src: str) -> Any:
+def _load_unique_keys(text: str, src: str) -> Any:
     loader = _UniqueKeyLoader(text)
     loader.src = src
     try:
@@ -532,20 +541,71 @@ def _read_yaml(text: str, src: str) -> Any:
         loader.dispose()
 
 
-def load(path: str | Path = DEFAULT_PARAMS, sets: list[str] | tuple[str, ...] = ()) -> dict:
-    """Read, override and validate a params file; the result has every key of SCHEMA."""
-    path = Path(path)
+def _read_yaml(path: Path) -> dict:
     src = str(path)
     if not path.is_file():
         raise ParamsError(f"{src}: params file not found; pass --params FILE or run from the repo root")
     try:
-        raw = _read_yaml(path.read_text(encoding="utf-8"), src)
+        raw = _load_unique_keys(path.read_text(encoding="utf-8"), src)
     except UnicodeDecodeError as exc:
         raise ParamsError(f"{src}: not UTF-8 text ({exc}); save the file as UTF-8") from exc
     except yaml.YAMLError as exc:
         raise ParamsError(f"{src}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ParamsError(f"{src}: must hold a mapping of sections at the top level")
+    return raw
+
+
+def _overlay(base: Any, over: Any, node: Any) -> Any:
+    """Mappings merge key by key; values, lists and a recipe's overrides (`tricks.<name>`,
+    `runs.<name>.set`) are replaced whole, so no base override survives unseen in a profile."""
+    if isinstance(node, Overrides) or not isinstance(base, dict) or not isinstance(over, dict):
+        return copy.deepcopy(over)
+    merged = copy.deepcopy(base)
+    for key, value in over.items():
+        child = node.value if isinstance(node, MapOf) else node.get(key) if isinstance(node, dict) else None
+        merged[key] = _overlay(base[key], value, child) if key in base else copy.deepcopy(value)
+    return merged
+
+
+def profile_files(path: str | Path) -> list[Path]:
+    """The files a profile is made of, base first: an overlay names its base with `extends:`."""
+    chain = [Path(path)]
+    while True:
+        raw = _read_yaml(chain[0])
+        if "extends" not in raw:
+            return chain
+        base = chain[0].parent / str(raw["extends"])
+        if base.resolve() in {p.resolve() for p in chain}:
+            raise ParamsError(f"{chain[0]}: key 'extends' ({raw['extends']}) makes a cycle of profiles")
+        chain.insert(0, base)
+
+
+def _read_profile(path: Path) -> dict:
+    """A params file, or an overlay deep-merged onto the file it extends (validated afterwards)."""
+    files = profile_files(path)
+    raw = _read_yaml(files[0])
+    for overlay in files[1:]:
+        over = _read_yaml(overlay)
+        over.pop("extends")
+        base, raw = raw, _overlay(raw, over, SCHEMA)
+        base_paths, paths = base.get("paths") or {}, raw.get("paths") or {}
+        shared = [f"paths.{key}" for key in paths
+                  if isinstance(base_paths, dict) and base_paths.get(key) == paths[key]]
+        if shared:
+            raise ParamsError(
+                f"{overlay}: key(s) {shared} are the same as in the profile it extends ({files[0]}); "
+                "give the overlay its own paths.data, paths.runs and paths.reports so the two "
+                "profiles do not overwrite each other's betons, runs and reports"
+            )
+    return raw
+
+
+def load(path: str | Path = DEFAULT_PARAMS, sets: list[str] | tuple[str, ...] = ()) -> dict:
+    """Read, override and validate a params file; the result has every key of SCHEMA."""
+    path = Path(path)
+    src = str(path)
+    raw = _read_profile(path)
     for assignment in sets:
         apply_set(raw, assignment)
     params = _validate(SCHEMA, raw, (), src)

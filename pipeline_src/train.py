@@ -25,10 +25,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline_src import checkpoint, distributed, params as P, tracking
+from pipeline_src import checkpoint, distributed, params as P
 from pipeline_src.errors import DIVERGED, InputError, run_main
 from pipeline_src.io import read_json, sha256, write_json
-from pipeline_src.loader import make_train_loader, make_val_loader
 from pipeline_src.locks import dir_lock
 from pipeline_src.models import build_model
 from pipeline_src.run_folders import output_dir, run_dir, with_same_overrides
@@ -94,10 +93,48 @@ def build_optimizer(model: nn.Module, cfg: dict, lr: float) -> torch.optim.Optim
     return torch.optim.SGD(groups, lr=lr, momentum=cfg["momentum"], nesterov=cfg["nesterov"])
 
 
+def progress_enabled(choice: str) -> bool:
+    """monitor.progress: auto prints only to a terminal (not into a Snakemake log); always / never force it."""
+    return choice == "always" or (choice == "auto" and sys.stderr.isatty())
+
+
+class StepMonitor:
+    """Loss bookkeeping on the device: the host syncs once every N steps, not on every step.
+
+    Each step adds its loss to a device sum and records, still on the device, the first step whose
+    loss was not finite. `check` (every N steps and at epoch end) reads both with one sync, so a
+    divergence is reported at most N steps late but names the step where it happened.
+    """
+
+    def __init__(self, device: torch.device, every: int):
+        self.every = every
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def add(self, loss: torch.Tensor, step: int, count: int) -> None:
+        loss = loss.detach().double()
+        self.loss_sum += loss * count
+        bad_here = ~torch.isfinite(loss) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad_here, step, self.first_bad)
+
+    def due(self, step: int, iters: int) -> bool:
+        return (step + 1) % self.every == 0 or step + 1 == iters
+
+    def check(self) -> tuple[float, int]:
+        """(loss sum so far, first non-finite step or -1), agreed by every rank (one sync)."""
+        first_bad = self.first_bad.clone()
+        if dist.is_initialized():
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
+        return self.loss_sum.item(), int(first_bad.item())
+
+
 def train_one_epoch(model, teacher, loader, optimizer, scheduler, scaler, cfg: dict, device, precision: str,
                     num_classes: int, mix_gen: torch.Generator, epoch: int, ckpt: Path) -> tuple[dict, list]:
     """One pass over the train beton; also samples the LR ~20 times for the schedule plot."""
     train, distill = cfg["train"], cfg["distill"]
+    monitor = StepMonitor(device, cfg["monitor"]["finite_check_every"])
+    show = progress_enabled(cfg["monitor"]["progress"]) and not (dist.is_initialized() and dist.get_rank())
+    world = dist.get_world_size() if dist.is_initialized() else 1
     model.train()
     seen, loss_sum, start = 0, 0.0, time.perf_counter()
     iters = len(loader)
@@ -118,18 +155,28 @@ def train_one_epoch(model, teacher, loader, optimizer, scheduler, scaler, cfg: d
                 loss = distillation_loss(logits, teacher_logits, targets, distill["temperature"], distill["weight"])
             else:
                 loss = soft_target_cross_entropy(logits, targets)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(
-                f"loss is {loss.item()} at epoch {epoch} step {step}; the last good checkpoint is "
-                f"{ckpt if ckpt.is_file() else '(none yet)'}; lower train.base_lr or add warmup"
-            )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
         seen += images.shape[0]
-        loss_sum += loss.item() * images.shape[0]
+        monitor.add(loss, step, images.shape[0])
+        if not monitor.due(step, iters):
+            continue
+        loss_sum, bad_step = monitor.check()
+        if bad_step >= 0:
+            raise NonFiniteLoss(
+                f"loss is not finite ({loss_sum / seen}) at epoch {epoch} step {bad_step} (checked every "
+                f"{monitor.every} steps, monitor.finite_check_every); the last good checkpoint is "
+                f"{ckpt if ckpt.is_file() else '(none yet)'}; lower train.base_lr or add warmup"
+            )
+        if show:
+            elapsed = time.perf_counter() - start
+            minutes, seconds = divmod(round(elapsed / (step + 1) * (iters - step - 1)), 60)
+            print(f"epoch {epoch} step {step + 1}/{iters} loss {loss_sum / seen:.4f} "
+                  f"{seen * world / elapsed:.0f} images/s ETA {minutes}:{seconds:02d}",
+                  file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - start
     return {"train_loss": loss_sum / max(seen, 1), "images_per_s": seen / elapsed}, lr_points
 
@@ -196,6 +243,10 @@ def train(cfg: dict, run: str, seed: int, out: str | Path | None = None) -> dict
 
 
 def _train(cfg: dict, run: str, seed: int, out: Path) -> dict | None:
+    # Imported here, not at the top: the loop below runs without ffcv and mlflow (bench/gpu_check.py).
+    from pipeline_src import tracking
+    from pipeline_src.loader import make_train_loader, make_val_loader
+
     recipe = P.recipe_hash(cfg)
     finished = checkpoint.finished_metrics(out, recipe)
     if finished is not None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_src import prepare, sanity, synthetic, teacher, train
+from pipeline_src import graph, plan, prepare, sanity, synthetic, teacher, train
 from pipeline_src.errors import InputError, run_main
 from pipeline_src.report import build
 from pipeline_src.transfer import train_detection, train_segmentation
@@ -16,6 +16,8 @@ from pipeline_src.transfer import train_detection, train_segmentation
 ROOT = Path(__file__).resolve().parents[1]
 
 STAGES = [
+    ("plan", plan.main, []),
+    ("graph", graph.main, []),
     ("prepare", prepare.main, []),
     ("train", train.main, ["--run", "baseline"]),
     ("teacher", teacher.main, []),

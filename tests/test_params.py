@@ -226,3 +226,49 @@ def test_cosine_runs_ignore_step_milestones():
 def test_malformed_set_value_is_a_params_error():
     with pytest.raises(P.ParamsError, match=r"--set 'train.epochs=\[1': the value is not valid YAML"):
         P.load(ROOT / "params.yaml", ["train.epochs=[1"])
+
+
+def _overlay(tmp_path: Path, body: dict) -> Path:
+    """An overlay of a copy of params.yaml, both in tmp_path."""
+    (tmp_path / "base.yaml").write_text((ROOT / "params.yaml").read_text())
+    path = tmp_path / "overlay.yaml"
+    path.write_text(yaml.safe_dump({"extends": "base.yaml", **body}, sort_keys=False))
+    return path
+
+
+OWN_PATHS = {"paths": {"data": "d2", "runs": "d2/runs", "reports": "r2"}}
+
+
+def test_imagenet_profile_is_an_overlay_of_only_what_differs():
+    base = P.flatten({k: v for k, v in P.load(ROOT / "params.yaml").items() if not k.startswith("_")})
+    raw = yaml.safe_load((ROOT / "configs" / "imagenet.yaml").read_text())
+    assert raw.pop("extends") == "../params.yaml"
+    tricks = raw.pop("tricks")  # a trick is replaced whole: compare whole tricks
+    same = [key for key, value in P.flatten(raw).items() if key in base and base[key] == value]
+    same += [f"tricks.{name}" for name, sets in tricks.items() if P.load(ROOT / "params.yaml")["tricks"][name] == sets]
+    assert set(same) <= {"study.seeds"}, f"configs/imagenet.yaml repeats params.yaml's value of {same}"
+
+
+def test_overlay_inherits_every_base_key_and_replaces_recipes_whole(tmp_path):
+    path = _overlay(tmp_path, {**OWN_PATHS, "train": {"epochs": 7},
+                               "tricks": {"mixup": {"train.mixup_alpha": 0.4}},
+                               "runs": {"teacher": {"set": {"model.depth": 50}}}})
+    base_file = tmp_path / "base.yaml"
+    base_file.write_text(base_file.read_text().replace("momentum: 0.9\n  nesterov", "momentum: 0.8\n  nesterov"))
+    params = P.load(path)
+    assert params["train"]["epochs"] == 7 and params["train"]["momentum"] == 0.8  # a base edit reaches it
+    assert params["tricks"]["mixup"] == {"train.mixup_alpha": 0.4}  # not merged with the base's epochs
+    assert params["runs"]["teacher"]["set"] == {"model.depth": 50}
+    assert params["runs"]["teacher"]["base"] == "t6-label-smoothing"  # the rest of the run merges
+
+
+def test_overlay_errors_name_the_overlay(tmp_path):
+    with pytest.raises(P.ParamsError, match=r"overlay.yaml: unknown key 'train.epohcs'"):
+        P.load(_overlay(tmp_path, {**OWN_PATHS, "train": {"epohcs": 3}}))
+    with pytest.raises(P.ParamsError, match=r"overlay.yaml: key\(s\) \['paths.data', 'paths.runs', 'paths.reports'\]"):
+        P.load(_overlay(tmp_path, {"train": {"epochs": 3}}))
+    with pytest.raises(P.ParamsError, match=r"overlay.yaml: key\(s\) \['paths.reports'\] are the same"):
+        P.load(_overlay(tmp_path, {"paths": {"data": "d2", "runs": "d2/runs"}}))
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(P.ParamsError, match="cycle of profiles"):
+        P.load(tmp_path / "loop.yaml")

@@ -236,6 +236,82 @@ def test_corrupt_checkpoint_is_one_line_naming_it(micro, tmp_path, capsys):
     assert line.startswith(f"train: error: {out / 'last.pt'}: cannot be read, the file is truncated or corrupt")
 
 
+class _Batches:
+    """A loader stand-in: fixed batches, one of them poisoned with NaN, counting what was taken."""
+
+    def __init__(self, count: int, nan_at: int | None, classes: int):
+        gen = torch.Generator().manual_seed(0)
+        self.batches = [(torch.randn(4, 3, 24, 24, generator=gen), torch.arange(4) % classes) for _ in range(count)]
+        if nan_at is not None:
+            self.batches[nan_at][0][0, 0, 0, 0] = float("nan")
+        self.taken = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.taken += 1
+            yield batch
+
+
+def _one_epoch(tmp_path: Path, loader: _Batches, *sets: str):
+    from pipeline_src.train import build_optimizer, train_one_epoch
+    from pipeline_src.tricks.lr_schedule import build_scheduler
+    from tests.conftest import write_micro_params
+
+    cfg = P.resolve_run(P.load(write_micro_params(tmp_path), list(sets)), "baseline")
+    torch.manual_seed(0)
+    model = build_model(cfg["model"], 4)
+    optimizer = build_optimizer(model, cfg["train"], 0.01)
+    scheduler = build_scheduler(optimizer, iters_per_epoch=len(loader), epochs=1, warmup_epochs=0,
+                                schedule="step", milestones=[1], gamma=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return train_one_epoch(model, None, loader, optimizer, scheduler, scaler, cfg, torch.device("cpu"), "fp32", 4,
+                           torch.Generator().manual_seed(0), 0, tmp_path / "last.pt")
+
+
+def test_nan_is_caught_within_the_check_window_and_names_its_step(tmp_path):
+    """No per-step host sync: a NaN at step 2 surfaces at the next check (step 4 of every 5), named step 2."""
+    from pipeline_src.train import NonFiniteLoss
+
+    loader = _Batches(12, nan_at=2, classes=4)
+    with pytest.raises(NonFiniteLoss, match=r"epoch 0 step 2 \(checked every 5 steps") as err:
+        _one_epoch(tmp_path, loader, "monitor.finite_check_every=5")
+    assert loader.taken == 5 and "(none yet)" in str(err.value)
+    late = _Batches(12, nan_at=11, classes=4)  # the epoch-end check catches a NaN after the last full window
+    with pytest.raises(NonFiniteLoss, match="step 11"):
+        _one_epoch(tmp_path, late, "monitor.finite_check_every=5")
+
+
+def test_progress_lines_every_n_steps_only_when_asked(tmp_path, capsys):
+    stats, _ = _one_epoch(tmp_path, _Batches(6, None, 4), "monitor.finite_check_every=2", "monitor.progress=always")
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split()[3] for line in lines] == ["2/6", "4/6", "6/6"]
+    assert all("images/s ETA" in line for line in lines) and lines[-1].endswith("ETA 0:00")
+    assert stats["train_loss"] > 0
+    _one_epoch(tmp_path, _Batches(6, None, 4), "monitor.finite_check_every=2")  # auto: stderr is no TTY here
+    assert capsys.readouterr().err == ""
+
+
+def test_global_batchnorm_under_bf16_autocast_matches_batchnorm(tmp_path):
+    """The CPU twin of SyncBatchNorm in a 1-process gloo group: fp32 statistics, output in the input's dtype."""
+    import torch.distributed as dist
+
+    from pipeline_src.distributed import GlobalBatchNorm2d
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        x = (torch.randn(8, 4, 6, 6, generator=torch.Generator().manual_seed(0)) * 3 + 1).to(torch.bfloat16)
+        plain, synced = torch.nn.BatchNorm2d(4), GlobalBatchNorm2d(4)
+        out_plain, out_synced = plain(x), synced(x)
+    finally:
+        dist.destroy_process_group()
+    assert out_synced.dtype == torch.bfloat16
+    torch.testing.assert_close(out_synced, out_plain)
+    torch.testing.assert_close(synced.running_var, plain.running_var)
+
+
 def test_sanity_geometry_shows_how_little_of_a_small_input_zero_gamma_resnet_a_sees(micro):
     """At 32 px the paper's stem leaves layer4 at 1x1, and zero gamma leaves only the strided shortcuts."""
     from pipeline_src.sanity import geometry

@@ -1,66 +1,117 @@
-"""The Snakefile and dvc.yaml describe the same stage graph; the conda envs keep the pip pins."""
+"""One stage graph for both tools: the Snakefile's jobs and the generated dvc.yaml agree on inputs,
+settings and code; every job has its conda env, log and benchmark; the env is the project's."""
+import ast
+import importlib.metadata as md
+import json
 import re
+import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
+from packaging.requirements import Requirement
+
+from pipeline_src import graph as G
+from pipeline_src import params as P
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-DVC_TO_SNAKEMAKE = {"train": "train", "distill": "train", "single": "train", "loo": "train"}
+ENV_FILE = ROOT / "workflow" / "envs" / "pipeline.yaml"
+# Snakemake rule -> DVC stage group(s) running the same code.
+RULE_OF_GROUP = {"distill": "train", "single": "train", "loo": "train"}
 
 
-def snakemake_jobs(*targets: str) -> dict[str, tuple[str, set[str]]]:
-    """output file -> (rule, input files), parsed from a dry run of the targets."""
-    out = subprocess.run(
-        [BIN / "snakemake", "--cores", "1", "-n", "--forceall", *targets], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
-    jobs: dict[str, tuple[str, set[str]]] = {}
-    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
-        head = re.match(r"(?:local)?rule (\w+):", block)
-        if not head:
-            continue
-        fields = dict(re.findall(r"^    (input|output): (.*)$", block, flags=re.M))
-        inputs = set(fields.get("input", "").split(", ")) - {""}
-        for output in fields.get("output", "").split(", "):
-            if output:
-                jobs[output] = (head.group(1), inputs)
-    return jobs
+def snakemake_jobs(snakefile_dir: Path = ROOT, config: dict | None = None) -> list:
+    """Every job of `snakemake all ablations --forceall`, from Snakemake's own DAG (its API)."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings
+
+    with SnakemakeApi(OutputSettings(quiet={"all"})) as api:
+        workflow_api = api.workflow(resource_settings=ResourceSettings(cores=1),
+                                    config_settings=ConfigSettings(config=config or {}),
+                                    snakefile=snakefile_dir / "Snakefile", workdir=snakefile_dir)
+        dag_api = workflow_api.dag(DAGSettings(targets={"all", "ablations"}, forceall=True))
+        workflow = dag_api.workflow_api._workflow
+        workflow._prepare_dag(forceall=True, ignore_incomplete=True, lock_warn_only=True)
+        workflow._build_dag()
+        return list(workflow.dag.jobs)
 
 
-def dvc_stages() -> dict[str, tuple[str, set[str]]]:
-    """output path -> (stage group, data deps), from DVC's own resolution of dvc.yaml."""
+@pytest.fixture(scope="module")
+def jobs() -> list:
+    return snakemake_jobs()
+
+
+def dvc_stages(root: Path = ROOT, dvc_file: str | None = None) -> dict[str, tuple[str, set[str]]]:
+    """output path -> (stage group, deps), from DVC's own resolution of the dvc.yaml."""
     from dvc.repo import Repo
 
     stages: dict[str, tuple[str, set[str]]] = {}
-    with Repo(str(ROOT)) as repo:
+    with Repo(str(root)) as repo:
         for stage in repo.index.stages:
+            if dvc_file and Path(stage.path).resolve() != (root / dvc_file).resolve():
+                continue
             group = stage.name.split("@")[0]
-            deps = {str(Path(d.def_path)) for d in stage.deps if str(d.def_path).startswith("data/")}
+            deps = {str(Path(d.fs_path).relative_to(root)) for d in stage.deps}
             for out in stage.outs:
-                stages[str(Path(out.def_path))] = (group, deps)
+                stages[str(Path(out.fs_path).relative_to(root))] = (group, deps)
     return stages
 
 
-def _covered(path: str, by: set[str]) -> bool:
-    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in by)
-
-
-def test_snakefile_and_dvc_yaml_agree_on_stages_inputs_and_outputs():
-    smk = {k: v for k, v in snakemake_jobs("all", "ablations").items() if k.startswith(("data/", "reports/"))}
-    dvc = dvc_stages()
-    assert set(smk) == set(dvc), (
-        f"only in the Snakefile: {sorted(set(smk) - set(dvc))}; only in dvc.yaml: {sorted(set(dvc) - set(smk))}"
+def test_dvc_yaml_is_what_the_graph_generates():
+    assert (ROOT / "dvc.yaml").read_text() == G.render(root=ROOT), (
+        "dvc.yaml is not what `python -m pipeline_src.graph --out dvc.yaml` writes; regenerate it"
     )
-    for output, (rule, inputs) in smk.items():
+
+
+def _assert_one_graph(jobs: list, dvc: dict[str, tuple[str, set[str]]], params: dict) -> None:
+    """Each Snakemake job is a DVC stage with the same outputs, its inputs + its stage's code as
+    deps, and a plan file holding exactly the job's settings."""
+    plans = G.plan_files(params)
+    smk = {out: job for job in jobs for out in job.output}
+    code = {stage: set(G.stage_code(ROOT, stage)) for stage in G.STAGE_MODULES}
+    hashes = {stage: G.code_hash(ROOT, stage) for stage in G.STAGE_MODULES}
+    assert set(smk) == set(dvc) - set(plans), (
+        f"only in the Snakefile: {sorted(set(smk) - set(dvc))}; "
+        f"only in dvc.yaml: {sorted(set(dvc) - set(smk) - set(plans))}"
+    )
+    for output, job in smk.items():
         group, deps = dvc[output]
-        assert DVC_TO_SNAKEMAKE.get(group, group) == rule, f"{output}: rule {rule} vs DVC stage {group}"
-        data_inputs = {i for i in inputs if i.startswith("data/")}
-        assert all(_covered(i, deps) for i in data_inputs), f"{output}: DVC misses inputs {data_inputs - deps}"
-        assert all(any(_covered(i, {d}) for i in data_inputs) for d in deps), (
-            f"{output}: DVC depends on {deps} but the Snakefile's inputs are {data_inputs}"
-        )
+        rule = job.rule.name
+        assert RULE_OF_GROUP.get(group, group) == rule, f"{output}: rule {rule} vs DVC stage {group}"
+        [plan] = deps & set(plans)
+        assert plans[plan] == job.params.settings, f"{output}: DVC's {plan} is not the job's settings"
+        assert deps - {plan} == set(job.input) | code[rule], f"{output}: DVC deps differ from the job's inputs + code"
+        assert job.params.code == hashes[rule]
+
+
+def test_snakemake_and_dvc_run_the_same_jobs_on_the_same_inputs_settings_and_code(jobs):
+    _assert_one_graph(jobs, dvc_stages(), P.load(ROOT / "params.yaml"))
+
+
+def test_every_job_has_the_project_env_a_log_and_training_a_benchmark(jobs):
+    for job in jobs:
+        rule = job.rule.name
+        if rule == "all":
+            continue
+        assert job.conda_env_spec is not None, f"rule {rule} has no conda: env"
+        assert Path(str(job.conda_env_spec.file)).resolve() == ENV_FILE
+        [log] = job.log
+        assert log.startswith(f"logs/{rule}/") and log.endswith(".log")
+        assert job.rule.shellcmd.endswith(" > {log} 2>&1"), f"rule {rule} does not write its log"
+        if rule in ("prepare", "train", "teacher", "transfer_detection", "transfer_segmentation"):
+            assert str(job.benchmark).startswith(f"benchmarks/{rule}/"), f"rule {rule} has no benchmark"
+    logs = [tuple(job.log) for job in jobs if job.rule.name != "all"]
+    assert len(set(logs)) == len(logs), "two jobs write the same log"
+
+
+def test_every_rule_is_a_thin_call_of_a_stage_module():
+    for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
+        for shell in re.findall(r"shell:\n\s+(.+)", smk.read_text()):
+            assert shell.startswith('f"{PY}.'), f"{smk.name}: rule shell is not `python -m pipeline_src.<stage>`"
 
 
 def _pins(requirements: list[str]) -> dict[str, str]:
@@ -71,19 +122,109 @@ def _pins(requirements: list[str]) -> dict[str, str]:
     return pins
 
 
-def test_conda_envs_keep_the_pip_pins():
-    import tomllib
+def _env_pip() -> list[str]:
+    deps = yaml.safe_load(ENV_FILE.read_text())["dependencies"]
+    return next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d)
 
+
+def test_conda_env_keeps_the_pins_installs_the_project_and_what_ffcv_builds_against():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = _pins(project["dependencies"])
-    for env_file in sorted((ROOT / "workflow" / "envs").glob("*.yaml")):
-        deps = yaml.safe_load(env_file.read_text())["dependencies"]
-        pip = next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d)
-        assert _pins(pip) == wanted, f"{env_file} pip pins differ from pyproject.toml"
-        assert "python=3.11" in deps
+    deps = yaml.safe_load(ENV_FILE.read_text())["dependencies"]
+    pip = _env_pip()
+    editable = [r for r in pip if r.startswith("-e ")]
+    assert editable == ["-e ../.."], "the env must install the project itself"
+    # pip runs beside the env file: workflow/envs/ here, .snakemake/conda/ when Snakemake builds it
+    assert (ENV_FILE.parent / "../..").resolve() == ROOT
+    extras = project["optional-dependencies"]
+    wanted = _pins(project["dependencies"] + extras["slurm"] + extras["export"])
+    assert _pins([r for r in pip if r not in editable]) == wanted, f"{ENV_FILE} pip pins differ from pyproject.toml"
+    python = re.search(r">=(3\.\d+)", project["requires-python"]).group(1)
+    assert f"python={python}" in deps
+    assert {"pkg-config", "libjpeg-turbo", "opencv", "compilers"} <= {d for d in deps if isinstance(d, str)}
 
 
-def test_every_rule_is_a_thin_call_of_a_stage_module():
-    for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
-        for shell in re.findall(r"shell:\n\s+(.+)", smk.read_text()):
-            assert shell.startswith('f"{PY}.'), f"{smk.name}: rule shell is not `python -m pipeline_src.<stage>`"
+def test_env_pip_section_alone_covers_what_the_stages_import(tmp_path):
+    """The env's pip section resolves against this venv (where the e2e tests run every rule's
+    command) without an index, and every third-party module pipeline_src imports comes from a
+    distribution that section pulls in: no rule needs a package only this venv happens to have."""
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("\n".join(_env_pip()) + "\n")
+    report = tmp_path / "report.json"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-build-isolation",
+                    "-q", "-r", str(requirements), "--report", str(report)],
+                   cwd=ENV_FILE.parent, check=True, capture_output=True, text=True)
+    [project] = json.loads(report.read_text())["install"]
+    assert project["metadata"]["name"] == "tricks-pipeline"
+    assert project["download_info"]["url"] == ROOT.as_uri()
+
+    listed = [Requirement(r) for r in _env_pip() if not r.startswith("-e ")]  # the extras' pins (slurm, export)
+    closure, todo = set(), [Requirement(r) for r in project["metadata"]["requires_dist"]] + listed
+    while todo:
+        req = todo.pop()
+        name = req.name.lower().replace("_", "-")
+        if name in closure or (req.marker and not req.marker.evaluate({"extra": ""})):
+            continue
+        closure.add(name)
+        todo += [Requirement(r) for r in md.requires(name) or []]
+    owners = md.packages_distributions()
+    imported = set()
+    for path in (ROOT / "pipeline_src").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m in owners and m != "pipeline_src"}
+    missing = {m: owners[m] for m in third_party
+               if not {d.lower().replace("_", "-") for d in owners[m]} & closure}
+    assert third_party and not missing, f"imported but not installed by the env's pip section: {missing}"
+
+
+def test_stage_code_follows_imports_and_its_hash_moves_only_with_that_code(tmp_path):
+    shutil.copytree(ROOT / "pipeline_src", tmp_path / "pipeline_src", ignore=shutil.ignore_patterns("__pycache__"))
+    seg = G.stage_code(tmp_path, "transfer_segmentation")
+    assert "pipeline_src/transfer/segmentation.py" in seg and "pipeline_src/models/resnet.py" in seg
+    assert "pipeline_src/train.py" not in seg and "pipeline_src/report/build.py" not in seg
+    assert "pipeline_src/report/paper_numbers.yaml" in G.stage_code(tmp_path, "report")  # package data
+    before = {stage: G.code_hash(tmp_path, stage) for stage in G.STAGE_MODULES}
+    with (tmp_path / "pipeline_src" / "models" / "resnet.py").open("a") as fh:
+        fh.write("\n# an edit\n")
+    after = {stage: G.code_hash(tmp_path, stage) for stage in G.STAGE_MODULES}
+    changed = {stage for stage in before if before[stage] != after[stage]}
+    assert changed == {"train", "teacher", "transfer_detection", "transfer_segmentation"}
+
+
+def test_imagenet_overlay_is_selectable_in_snakemake_and_dvc_with_its_own_roots(tmp_path):
+    """Also the same graph in both tools: real data (no synthetic stage), its own roots and dvc.yaml."""
+    jobs = snakemake_jobs(config={"params_file": "configs/imagenet.yaml"})
+    outputs = [out for job in jobs for out in job.output]
+    assert outputs and all(out.startswith(("data/imagenet/", "reports/imagenet/")) for out in outputs)
+    assert "synthetic" not in {job.rule.name for job in jobs}  # real data configured
+    assert all("--params configs/imagenet.yaml" in job.shellcmd for job in jobs if job.rule.shellcmd)
+
+    for name in ("params.yaml", "configs", "pipeline_src"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    subprocess.run([BIN / "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    out = G.dvc_file("configs/imagenet.yaml")
+    (tmp_path / out).parent.mkdir(parents=True)
+    (tmp_path / out).write_text(G.render("configs/imagenet.yaml", out, root=tmp_path))
+    stages = dvc_stages(tmp_path, out)
+    assert "data/imagenet/plan/runs/efficient.json" in stages
+    assert "data/imagenet/runs/efficient/seed0/model.pt" in stages
+    assert "configs/imagenet.yaml" in stages["data/imagenet/plan/runs/efficient.json"][1]  # overlay + base
+    assert "params.yaml" in stages["data/imagenet/plan/runs/efficient.json"][1]
+    assert all(path.startswith(("data/imagenet/", "reports/imagenet/")) for path in stages)
+    _assert_one_graph(jobs, stages, P.load(ROOT / "configs" / "imagenet.yaml"))
+
+
+def test_plan_rewrites_only_the_files_of_jobs_whose_settings_changed(tmp_path):
+    from pipeline_src.plan import write_plan
+
+    params = P.load(ROOT / "params.yaml", [f"paths.data={tmp_path / 'data'}"])
+    assert len(write_plan(params)) == len(G.plan_files(params))
+    assert write_plan(params) == []
+    params["tricks"]["mixup"]["train.mixup_alpha"] = 0.3
+    using = {G.plan_file(params, "train", run) for run in P.all_run_names(params)
+             if "mixup" in P.resolve_run(params, run)["run"]["tricks"]}
+    assert "loo-mixup" not in str(using) and G.plan_file(params, "train", "t6-mixup") in using
+    assert set(write_plan(params)) == using

@@ -8,11 +8,15 @@ result is cast to the training dtype. Everything here also runs on CPU tensors (
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from . import draws
-from .ops import EpochState
+
+if TYPE_CHECKING:  # ops imports ffcv; this module runs without it (bench/gpu_check.py on a bare GPU machine)
+    from .ops import EpochState
 
 _GRAY = torch.tensor(draws.GRAY, dtype=torch.float32)
 

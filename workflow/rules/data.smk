@@ -8,14 +8,14 @@ rule synthetic:
         voc=directory(f"{DATA}/synthetic/VOCdevkit"),
         ade20k=directory(f"{DATA}/synthetic/ADEChallengeData2016"),
     params:
-        synthetic=config["synthetic"],
+        settings=G.stage_settings(config, "synthetic"),
+        code=CODE["synthetic"],
+    log:
+        "logs/synthetic/synthetic.log",
+    conda:
+        "../envs/pipeline.yaml"
     shell:
-        f"{PY}.synthetic {ARGS}"
-
-
-def imagenet_input(wildcards):
-    """The embedded data is an input only when data.imagenet_dir is null."""
-    return [] if config["data"]["imagenet_dir"] else [rules.synthetic.output.manifest]
+        f"{PY}.synthetic {ARGS}{LOGGED}"
 
 
 rule prepare:
@@ -27,7 +27,13 @@ rule prepare:
         classes=f"{DATA}/betons/classes.json",
         manifest=f"{DATA}/betons/manifest.json",
     params:
-        data=config["data"],
-        prepare=config["prepare"],
+        settings=G.stage_settings(config, "prepare"),
+        code=CODE["prepare"],
+    log:
+        "logs/prepare/prepare.log",
+    benchmark:
+        "benchmarks/prepare/prepare.tsv"
+    conda:
+        "../envs/pipeline.yaml"
     shell:
-        f"{PY}.prepare {ARGS}"
+        f"{PY}.prepare {ARGS}{LOGGED}"

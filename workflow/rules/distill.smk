@@ -13,13 +13,20 @@ rule teacher:
         history=f"{RUNS}/{TEACHER}/seed{{seed}}/history.json",
         metrics=f"{RUNS}/{TEACHER}/seed{{seed}}/metrics.json",
     params:
-        recipe=run_recipe(TEACHER),
-        teacher=config["teacher"],
+        settings=G.stage_settings(config, "teacher", TEACHER),
+        code=CODE["teacher"],
+    log:
+        "logs/teacher/seed{seed}.log",
+    benchmark:
+        "benchmarks/teacher/seed{seed}.tsv"
+    conda:
+        "../envs/pipeline.yaml"
     resources:
         gpu=1,
+        **TRAIN_NODES,
     threads: config["loader"]["num_workers"]
     shell:
-        f"{PY}.teacher {ARGS} --seed {{wildcards.seed}}"
+        f"{PY}.launch {LAUNCH} -- pipeline_src.teacher {ARGS} --seed {{wildcards.seed}}{LOGGED}"
 
 
 ruleorder: teacher > train

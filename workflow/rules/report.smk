@@ -9,6 +9,11 @@ rule report:
         md=f"{REPORTS}/report.md",
         html=f"{REPORTS}/report.html",
     params:
-        report_inputs=lambda wildcards: [config["profile"], config["study"]],
+        settings=G.stage_settings(config, "report"),
+        code=CODE["report"],
+    log:
+        "logs/report/report.log",
+    conda:
+        "../envs/pipeline.yaml"
     shell:
-        f"{PY}.report {ARGS}"
+        f"{PY}.report {ARGS}{LOGGED}"

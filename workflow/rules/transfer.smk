@@ -1,16 +1,6 @@
 # Transfer (section 6): Faster-RCNN on VOC and FCN on ADE20K, fine-tuned from the classification runs.
 
 
-# The synthetic manifest stands for its folders: a folder's mtime moves whenever `dvc commit`
-# relinks the files inside it, a file's does not.
-def voc_input(wildcards):
-    return [] if config["data"]["voc_dir"] else [rules.synthetic.output.manifest]
-
-
-def ade20k_input(wildcards):
-    return [] if config["data"]["ade20k_dir"] else [rules.synthetic.output.manifest]
-
-
 rule transfer_detection:
     input:
         backbone=f"{RUNS}/{{backbone}}/seed{{seed}}/model.pt",
@@ -19,12 +9,19 @@ rule transfer_detection:
         model=f"{RUNS}/transfer/detection/{{backbone}}/seed{{seed}}/model.pt",
         metrics=f"{RUNS}/transfer/detection/{{backbone}}/seed{{seed}}/metrics.json",
     params:
-        detection=config["transfer"]["detection"],
+        settings=G.stage_settings(config, "transfer_detection"),
+        code=CODE["transfer_detection"],
+    log:
+        "logs/transfer_detection/{backbone}-seed{seed}.log",
+    benchmark:
+        "benchmarks/transfer_detection/{backbone}-seed{seed}.tsv"
+    conda:
+        "../envs/pipeline.yaml"
     wildcard_constraints:
         seed=r"\d+",
     threads: 1
     shell:
-        f"{PY}.transfer.train_detection {ARGS} --backbone {{wildcards.backbone}} --seed {{wildcards.seed}}"
+        f"{PY}.transfer.train_detection {ARGS} --backbone {{wildcards.backbone}} --seed {{wildcards.seed}}{LOGGED}"
 
 
 rule transfer_segmentation:
@@ -35,12 +32,19 @@ rule transfer_segmentation:
         model=f"{RUNS}/transfer/segmentation/{{backbone}}/seed{{seed}}/model.pt",
         metrics=f"{RUNS}/transfer/segmentation/{{backbone}}/seed{{seed}}/metrics.json",
     params:
-        segmentation=config["transfer"]["segmentation"],
+        settings=G.stage_settings(config, "transfer_segmentation"),
+        code=CODE["transfer_segmentation"],
+    log:
+        "logs/transfer_segmentation/{backbone}-seed{seed}.log",
+    benchmark:
+        "benchmarks/transfer_segmentation/{backbone}-seed{seed}.tsv"
+    conda:
+        "../envs/pipeline.yaml"
     wildcard_constraints:
         seed=r"\d+",
     threads: 1
     shell:
-        f"{PY}.transfer.train_segmentation {ARGS} --backbone {{wildcards.backbone}} --seed {{wildcards.seed}}"
+        f"{PY}.transfer.train_segmentation {ARGS} --backbone {{wildcards.backbone}} --seed {{wildcards.seed}}{LOGGED}"
 
 
 ruleorder: transfer_detection > transfer_segmentation > teacher > train
