@@ -2,8 +2,8 @@
 # validated by pipeline_src.params; each rule is a thin call of `python -m pipeline_src.<stage>`.
 #
 #   synthetic -> prepare -> train[run, seed] ----------------------------------> report
-#                              teacher -> train[distilled student, seed] ------/
-#   train[backbone] -> transfer_detection (VOC), transfer_segmentation (ADE20K) -/
+#                              teacher[teacher.seed] -> train[distilled student, seed] -/
+#   train[backbone, transfer seed] -> transfer_detection (VOC), transfer_segmentation (ADE20K) -/
 #   `snakemake ablations` adds the single-trick and leave-one-out runs (and re-renders the report).
 from pathlib import Path
 
@@ -16,7 +16,8 @@ DATA, RUNS, REPORTS = config["paths"]["data"], config["paths"]["runs"], config["
 PY = "python -m pipeline_src"
 ARGS = f"--params {PARAMS_FILE}"
 SEEDS = config["study"]["seeds"]
-TEACHER = config["teacher"]["run"]
+TRANSFER_SEEDS = config["study"]["transfer_seeds"]
+TEACHER, TEACHER_SEED = config["teacher"]["run"], config["teacher"]["seed"]
 TABLE_RUNS = config["study"]["tables"]
 DISTILLED = config["study"]["distilled"]
 ABLATION_RUNS = [r for r in P.all_run_names(config) if r.startswith(("single-", "loo-"))]

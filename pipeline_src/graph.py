@@ -153,8 +153,8 @@ def _run_stage(params: dict, root: Path, args: str, runs: list[str], teacher: bo
     """A matrix of training jobs (run x seed); distilled students also wait for the teacher."""
     data, out = params["paths"]["data"], f"{params['paths']['runs']}/${{item.run}}/seed${{item.seed}}"
     deps = [f"{data}/betons/{b}" for b in BETONS] + [plan_file(params, "train", "${item.run}")]
-    if teacher:
-        deps.append(f"{params['paths']['runs']}/{params['teacher']['run']}/seed${{item.seed}}/model.pt")
+    if teacher:  # trained once, with teacher.seed: every student seed distils from it
+        deps.append(f"{params['paths']['runs']}/{params['teacher']['run']}/seed{params['teacher']['seed']}/model.pt")
     return {
         "matrix": {"run": runs, "seed": params["study"]["seeds"]},
         "cmd": f"{LAUNCH_ONE_GPU} pipeline_src.train {args} --run ${{item.run}} --seed ${{item.seed}}",
@@ -171,7 +171,8 @@ def dvc_yaml(params: dict, params_file: str, root: str | Path = ".", wdir: str =
     root = Path(root)
     data, runs_dir, reports = params["paths"]["data"], params["paths"]["runs"], params["paths"]["reports"]
     args = f"--params {params_file}"
-    teacher, seeds = params["teacher"]["run"], params["study"]["seeds"]
+    teacher, seeds, transfer_seeds = (params["teacher"]["run"], params["study"]["seeds"],
+                                      params["study"]["transfer_seeds"])
     synthetic = f"{data}/synthetic"
     stages: dict[str, dict] = {
         "plan": {
@@ -195,17 +196,14 @@ def dvc_yaml(params: dict, params_file: str, root: str | Path = ".", wdir: str =
         "outs": [f"{data}/betons/{name}" for name in (*BETONS, "manifest.json")],
     }
     stages["train"] = _run_stage(params, root, args, params["study"]["tables"], False)
-    out = f"{runs_dir}/{teacher}/seed${{item}}"
+    out = f"{runs_dir}/{teacher}/seed{params['teacher']['seed']}"
     stages["teacher"] = {
-        "foreach": seeds,
-        "do": {
-            "cmd": f"{LAUNCH_ONE_GPU} pipeline_src.teacher {args} --seed ${{item}}",
-            "deps": [f"{data}/betons/{b}" for b in BETONS] + [plan_file(params, "teacher", teacher)]
-                    + ([params["teacher"]["checkpoint"]] if params["teacher"]["checkpoint"] else [])
-                    + stage_code(root, "teacher"),
-            "outs": [f"{out}/model.pt", f"{out}/history.json"],
-            "metrics": [f"{out}/metrics.json"],
-        },
+        "cmd": f"{LAUNCH_ONE_GPU} pipeline_src.teacher {args} --seed {params['teacher']['seed']}",
+        "deps": [f"{data}/betons/{b}" for b in BETONS] + [plan_file(params, "teacher", teacher)]
+                + ([params["teacher"]["checkpoint"]] if params["teacher"]["checkpoint"] else [])
+                + stage_code(root, "teacher"),
+        "outs": [f"{out}/model.pt", f"{out}/history.json"],
+        "metrics": [f"{out}/metrics.json"],
     }
     stages["distill"] = _run_stage(params, root, args, params["study"]["distilled"], True)
     for group, names in ablation_runs(params).items():
@@ -215,7 +213,7 @@ def dvc_yaml(params: dict, params_file: str, root: str | Path = ".", wdir: str =
         stage = f"transfer_{task}"
         out = f"{runs_dir}/transfer/{task}/${{item.backbone}}/seed${{item.seed}}"
         stages[stage] = {
-            "matrix": {"backbone": params["transfer"]["backbones"], "seed": seeds},
+            "matrix": {"backbone": params["transfer"]["backbones"], "seed": transfer_seeds},
             "cmd": f"python -m pipeline_src.transfer.train_{task} {args} "
                    "--backbone ${item.backbone} --seed ${item.seed}",
             "deps": [f"{runs_dir}/${{item.backbone}}/seed${{item.seed}}/model.pt"]
@@ -224,13 +222,14 @@ def dvc_yaml(params: dict, params_file: str, root: str | Path = ".", wdir: str =
             "outs": [f"{out}/model.pt"],
             "metrics": [f"{out}/metrics.json"],
         }
-    report_runs = params["study"]["tables"] + params["study"]["distilled"] + [teacher]
+    report_runs = params["study"]["tables"] + params["study"]["distilled"]
     stages["report"] = {
         "cmd": f"python -m pipeline_src.report {args}",
         "deps": [f"{runs_dir}/{run}/seed{seed}/metrics.json" for run in report_runs for seed in seeds]
+                + [f"{runs_dir}/{teacher}/seed{params['teacher']['seed']}/metrics.json"]
                 + [f"{runs_dir}/transfer/{task}/{backbone}/seed{seed}/metrics.json"
                    for task in ("detection", "segmentation") for backbone in params["transfer"]["backbones"]
-                   for seed in seeds]
+                   for seed in transfer_seeds]
                 + [plan_file(params, "report")] + stage_code(root, "report"),
         "outs": [f"{reports}/report.md", f"{reports}/report.html"],
     }

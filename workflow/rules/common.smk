@@ -7,7 +7,7 @@ def run_metrics(runs):
 
 def transfer_metrics():
     return expand(f"{RUNS}/transfer/{{task}}/{{backbone}}/seed{{seed}}/metrics.json",
-                  task=["detection", "segmentation"], backbone=BACKBONES, seed=SEEDS)
+                  task=["detection", "segmentation"], backbone=BACKBONES, seed=TRANSFER_SEEDS)
 
 
 def imagenet_input(wildcards):
@@ -18,7 +18,7 @@ def imagenet_input(wildcards):
 def teacher_input(wildcards):
     if "distill" not in P.resolve_run(config, wildcards.run)["run"]["tricks"]:
         return []
-    return [f"{RUNS}/{TEACHER}/seed{wildcards.seed}/model.pt"]
+    return [f"{RUNS}/{TEACHER}/seed{TEACHER_SEED}/model.pt"]  # one teacher for every student seed
 
 
 # The synthetic manifest stands for its folders: a folder's mtime moves whenever `dvc commit`

@@ -3,7 +3,8 @@
 
 rule report:
     input:
-        run_metrics(TABLE_RUNS + DISTILLED + [TEACHER]),
+        run_metrics(TABLE_RUNS + DISTILLED),
+        f"{RUNS}/{TEACHER}/seed{TEACHER_SEED}/metrics.json",
         transfer_metrics(),
     output:
         md=f"{REPORTS}/report.md",
