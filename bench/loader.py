@@ -118,7 +118,7 @@ class BatchColour:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        x = x * self.sd + self.mean
+        x = x.contiguous() * self.sd + self.mean
         factors = 1 + self.strengths * (2 * torch.rand(n, 3) - 1)
         for op in torch.randperm(3).tolist():
             f = factors[:, op, None, None, None]
@@ -300,26 +300,30 @@ def stage_costs(files: list[Path], params: dict) -> dict:
 
 
 STARTUP_SCRIPT = """
-import sys, time, torch
+import json, sys, time
 start = time.perf_counter()
+import torch
 from pipeline_src import params as P
 from pipeline_src.loader import make_train_loader
+imported = time.perf_counter()
 p = P.load(sys.argv[2], sys.argv[3:])
 loader = make_train_loader(sys.argv[1], p, 64, 0, torch.device("cpu"))
 next(iter(loader))
-print(round(time.perf_counter() - start, 2))
+print(json.dumps({"import_s": round(imported - start, 2), "first_batch_s": round(time.perf_counter() - imported, 2)}))
 """
 
 
 def startup_seconds(beton: Path, params_file: Path, sets: list[str]) -> dict:
-    """Import, build and first batch of our loader in a fresh process: with an empty numba cache
-    (every kernel compiled) and again with the cache that run filled (`cache=True` kernels loaded)."""
+    """Our loader in a fresh process: import, then build and first batch (numba compilation and
+    pipeline start), with an empty numba cache (every kernel compiled) and again with the cache that
+    run filled (the `cache=True` kernels loaded; ffcv's generated pipeline code is compiled anew)."""
     import subprocess
 
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "NUMBA_CACHE_DIR": cache, "PYTHONPATH": str(REPO)}
-        runs = [float(subprocess.run([sys.executable, "-c", STARTUP_SCRIPT, str(beton), str(params_file), *sets],
-                                     env=env, cwd=REPO, check=True, capture_output=True, text=True).stdout.split()[-1])
+        runs = [json.loads(subprocess.run([sys.executable, "-c", STARTUP_SCRIPT, str(beton), str(params_file), *sets],
+                                          env=env, cwd=REPO, check=True, capture_output=True,
+                                          text=True).stdout.splitlines()[-1])
                 for _ in range(2)]
     return {"empty_numba_cache": runs[0], "filled_numba_cache": runs[1]}
 
