@@ -291,7 +291,7 @@ def stage_costs(files: list[Path], params: dict) -> dict:
                  "scaled_full_decode": cost(lambda j: full(j, j[7]))}
     if decoders.HAS_CROP_DECODE:
         out_costs["region_decode"] = cost(region_decode)
-        out_costs["area_resize"] = cost(lambda j: (region_decode(j), resize(j))) - out_costs["region_decode"]
+        out_costs["area_resize"] = round(cost(lambda j: (region_decode(j), resize(j))) - out_costs["region_decode"], 1)
     out_costs["fused_augment"] = cost(augment)
     scales = [j[7] for j in jobs]
     out_costs["decode_scale_share"] = {str(d): round(scales.count(d) / len(scales), 3) for d in (1, 2, 4, 8)}
