@@ -4,7 +4,8 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SYSTEM_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
+SYSTEM_PACKAGES := pkg-config libturbojpeg0-dev libjpeg62-turbo-dev libopencv-dev
+JPEGCROP := pipeline_src/loader/_jpegcrop.so
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PROFILE ?= params.yaml
 
@@ -26,9 +27,15 @@ pull: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc status -q $(DEFAULT_STAGES)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/snakemake --cores 1 --touch
 
-setup: system-packages $(STAMP) .dvc/config
+setup: system-packages $(STAMP) .dvc/config $(JPEGCROP)
 
-# ffcv compiles against libturbojpeg and OpenCV, found through pkg-config.
+# The loader's crop-region JPEG decoder (pipeline_src/loader/decoders.py falls back to a full decode
+# without it), compiled against the system libjpeg-turbo's scanline API.
+$(JPEGCROP): pipeline_src/loader/jpegcrop.c | system-packages
+	$(CC) -O2 -shared -fPIC -Wall -Wextra -Werror -o $@.tmp $< -ljpeg && mv $@.tmp $@
+
+# ffcv compiles against libturbojpeg and OpenCV, found through pkg-config; the crop decoder
+# against libjpeg-turbo (libjpeg62-turbo-dev).
 system-packages:
 	@if ! dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1; then \
 	  echo "installing system packages: $(SYSTEM_PACKAGES)"; \

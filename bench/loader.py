@@ -1,18 +1,23 @@
-"""Benchmark: our ffcv train loader vs torchvision ImageFolder + DataLoader, same augmentation.
+"""Benchmark: our ffcv train loader vs torchvision ImageFolder + DataLoader and vs stock FFCV.
 
-Both read the same synthetic ImageNet-like JPEGs (pipeline_src.synthetic at 300-500 px) and produce
-the same batches: random-resized crop to --res, flip, colour jitter 0.4, PCA lighting 0.1,
-normalize; same worker count and batch size. After one warm-up epoch each (numba compilation,
-page cache, worker start-up), timed blocks of --epochs epochs alternate the two loaders, the order
-flipping every repeat (AB BA AB ...), so load from other processes hits both; each loader's figure
-is the median of its --repeats blocks. Also timed: single-threaded JPEG decode of the same files
-with PIL, OpenCV and ffcv's libjpeg-turbo decoder, the ceiling of any loader per core.
+All three read the same synthetic ImageNet-like JPEGs (pipeline_src.synthetic, 300-500 px by
+default) and produce the same batches: random-resized crop to --res, flip, colour jitter 0.4, PCA
+lighting 0.1, normalize; same worker count and batch size. *Stock FFCV* is ffcv's own
+RandomResizedCropRGBImageDecoder, RandomHorizontalFlip and NormalizeImage in its workers, with the
+jitter and lighting as torch ops on each batch. After one warm-up epoch each (numba compilation,
+page cache, worker start-up), timed blocks of --epochs epochs alternate the loaders, the order
+reversed every repeat (ABC CBA ABC ...), so load from other processes hits all; each loader's
+figure is the median of its --repeats blocks. Also measured: single-threaded JPEG decode of the
+same files with PIL, OpenCV and ffcv's libjpeg-turbo decoder (the ceiling of a loader that decodes
+every pixel, per core), our decoder's stages one at a time on those files, and the start-up of our
+loader in a fresh process with an empty and with a filled numba cache.
 
     python bench/loader.py [--images 2000] [--epochs 1] [--repeats 5] [--res 128] [--workers 2] [--batch 64]
+    python bench/loader.py --min-size 48 --max-size 96 --res 32     # the CPU profile's images
 
-Prints one JSON object; `speedup` = ffcv images/s / torchvision images/s (medians), `speedup_paired`
-the median of the per-repeat ratios. The synthetic data and the beton are cached in --workdir
-(default $TMPDIR/tricks-bench-loader) and reused by later runs.
+Prints one JSON object; `speedup` = ours / torchvision images/s (medians), `speedup_vs_ffcv` =
+ours / stock FFCV, `speedup_paired` the median of the per-repeat ratios. The synthetic data and the
+beton are cached in --workdir (default $TMPDIR/tricks-bench-loader) and reused by later runs.
 """
 from __future__ import annotations
 
@@ -95,6 +100,62 @@ def torchvision_loader(train_dir: Path, params: dict, batch: int, workers: int):
                                        persistent_workers=True)
 
 
+class BatchColour:
+    """Stock FFCV's tail as a user writes it: per-image jitter and PCA lighting as torch batch ops.
+
+    ffcv's NormalizeImage runs in the workers (after ToDevice on a CPU it never returns), so the
+    batch is mapped back to 0-255, jittered (brightness, contrast, saturation, one random order per
+    batch, factors per image), lit and normalized again.
+    """
+
+    def __init__(self, params: dict):
+        a = params["augment"]
+        self.strengths = torch.tensor([a["brightness"], a["contrast"], a["saturation"]])
+        self.lighting = Lighting(a["lighting_std"], a["mean"], a["std"])
+        self.mean = torch.tensor(a["mean"])[None, :, None, None]
+        self.sd = torch.tensor(a["std"])[None, :, None, None]
+        self.gray = torch.tensor(draws.GRAY, dtype=torch.float32)[None, :, None, None]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        x = x.contiguous() * self.sd + self.mean
+        factors = 1 + self.strengths * (2 * torch.rand(n, 3) - 1)
+        for op in torch.randperm(3).tolist():
+            f = factors[:, op, None, None, None]
+            if op == 0:
+                x = x * f
+            else:
+                grey = (x * self.gray).sum(1, keepdim=True)
+                x = x * f + (1 - f) * (grey.mean((2, 3), keepdim=True) if op == 1 else grey)
+            x = x.clamp_(0, 255)
+        alpha = torch.randn(n, 3) * self.lighting.std
+        shift = (alpha * self.lighting.eigval) @ self.lighting.eigvec.T
+        x = (x + shift[:, :, None, None]).clamp_(0, 255)
+        return (x - self.mean) / self.sd
+
+
+class StockFFCV:
+    """ffcv's own decoder and transforms (see BatchColour) over our beton."""
+
+    def __init__(self, beton: Path, params: dict, batch: int, workers: int):
+        from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
+
+        a, res = params["augment"], params["loader"]["res"]
+        image = [RandomResizedCropRGBImageDecoder((res, res), scale=tuple(a["crop_area"]), ratio=tuple(a["crop_ratio"])),
+                 RandomHorizontalFlip(), NormalizeImage(np.array(a["mean"]), np.array(a["std"]), np.float32),
+                 ToTensor(), ToTorchImage()]
+        self.loader = Loader(str(beton), batch_size=batch, num_workers=workers, order=OrderOption.RANDOM,
+                             os_cache=True, drop_last=True, seed=0,
+                             pipelines={"image": image, "label": [IntDecoder(), ToTensor(), Squeeze()]})
+        self.colour = BatchColour(params)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield self.colour(images), labels
+
+
 def cpu_seconds(loader) -> float:
     """CPU time (user + system) of this process and of a DataLoader's worker processes so far."""
     total = time.process_time()
@@ -148,26 +209,123 @@ def decode_rates(files: list[Path]) -> dict:
     cv2.setNumThreads(1)
 
     def rate(fn) -> float:
-        start = time.perf_counter()
+        start = clock()
         for blob, size in zip(blobs, sizes):
             fn(blob, size)
-        return round(len(blobs) / (time.perf_counter() - start), 1)
+        return round(len(blobs) / (clock() - start), 1)
 
     def ffcv_turbo(blob, size):
         w, h = size
         imdecode(np.frombuffer(blob, np.uint8), np.empty((h, w, 3), np.uint8), h, w, h, w, 0, 0, 1, 1, False, False)
 
-    out = {
-        "pil": rate(lambda b, s: Image.open(io.BytesIO(b)).convert("RGB").load()),
-        "opencv": rate(lambda b, s: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)),
-        "ffcv_turbojpeg": rate(ffcv_turbo),
-    }
-    try:
-        import simplejpeg
-        out["simplejpeg"] = rate(lambda b, s: simplejpeg.decode_jpeg(b))
-    except ImportError:
-        out["simplejpeg"] = None  # not installed
+    out = {}
+    for clock in (time.perf_counter, time.thread_time):
+        rates = {
+            "pil": rate(lambda b, s: Image.open(io.BytesIO(b)).convert("RGB").load()),
+            "opencv": rate(lambda b, s: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)),
+            "ffcv_turbojpeg": rate(ffcv_turbo),
+        }
+        # by wall clock; by CPU time (the thread's): the rate of one fully used core, whatever the load
+        out.update(rates if clock is time.perf_counter else {f"{k}_cpu": v for k, v in rates.items()})
     return out
+
+
+def stage_costs(files: list[Path], params: dict) -> dict:
+    """Our decoder's stages one at a time, single-threaded, on the crops the loader draws (seed 0,
+    epoch 0): microseconds per image of CPU time (`time.thread_time`)."""
+    from ffcv.libffcv import imdecode
+    from PIL import Image
+
+    from pipeline_src.loader import decoders, kernels
+
+    a, cfg = params["augment"], params["loader"]
+    res, max_scale = cfg["res"], cfg["max_decode_scale"]
+    blobs = [np.frombuffer(f.read_bytes(), np.uint8) for f in files]
+    jobs = []
+    for i, blob in enumerate(blobs):
+        width, height = Image.open(io.BytesIO(blob.tobytes())).size
+        top, left, h, w = draws.random_crop(np.uint64(draws.sample_key(0, 0, i, draws.STREAM_CROP)), height, width,
+                                            *a["crop_area"], *a["crop_ratio"])
+        scale = kernels.decode_scale(h, w, res, res, max_scale) if h >= res and w >= res else 1
+        jobs.append((blob, height, width, top, left, h, w, scale))
+    buffer = np.empty(max(j[1] * j[2] for j in jobs) * 3, np.uint8)
+    region, crop, out = np.zeros(2, np.int64), np.empty((res, res, 3), np.uint8), np.empty((res, res, 3), np.float32)
+    strengths = np.array([a["brightness"], a["contrast"], a["saturation"], a["hue"]])
+    mean = np.array(a["mean"], np.float32)
+    inv_std = (1 / np.array(a["std"])).astype(np.float32)
+
+    def full(job, scale):
+        blob, height, width = job[:3]
+        imdecode(blob, buffer, height, width, height, width, 0, 0, 1, scale, False, False)
+
+    def rows_cols(job):
+        blob, height, width, top, left, h, w, scale = job
+        sh, sw = -(-height // scale), -(-width // scale)
+        r0, r1 = decoders.region_rows(top, h, scale, sh)
+        c0, c1 = decoders.region_rows(left, w, scale, sw)
+        return r0, r1, max(c0 - 1, 0), min(c1 + 1, sw)
+
+    def region_decode(job):
+        r0, r1, c0, c1 = rows_cols(job)
+        decoders.crop_decode(job[0], buffer, job[7], r0, c0, r1 - r0, c1 - c0, region)
+
+    def resize(job):
+        blob, height, width, top, left, h, w, scale = job
+        r0, r1, c0, c1 = rows_cols(job)
+        image = buffer[:3 * (r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0, 3)
+        if h >= res and w >= res:
+            kernels.area_resize(image, top / scale, left / scale, h / scale, w / scale, crop, r0, c0)
+
+    def augment(job):
+        kernels.augment_image(crop, out, 0, 0, 0, bool(a["flip"]), strengths, float(a["lighting_std"]),
+                              draws.PCA_EIGVAL, draws.PCA_EIGVEC, mean, inv_std)
+
+    def cost(fn) -> float:
+        fn(jobs[0])  # compile
+        start = time.thread_time()
+        for job in jobs:
+            fn(job)
+        return round(1e6 * (time.thread_time() - start) / len(jobs), 1)
+
+    out_costs = {"full_decode": cost(lambda j: full(j, 1)),
+                 "scaled_full_decode": cost(lambda j: full(j, j[7]))}
+    if decoders.HAS_CROP_DECODE:
+        out_costs["region_decode"] = cost(region_decode)
+        out_costs["area_resize"] = round(cost(lambda j: (region_decode(j), resize(j))) - out_costs["region_decode"], 1)
+    out_costs["fused_augment"] = cost(augment)
+    scales = [j[7] for j in jobs]
+    out_costs["decode_scale_share"] = {str(d): round(scales.count(d) / len(scales), 3) for d in (1, 2, 4, 8)}
+    out_costs["crop_library_built"] = decoders.HAS_CROP_DECODE
+    return out_costs
+
+
+STARTUP_SCRIPT = """
+import json, sys, time
+start = time.perf_counter()
+import torch
+from pipeline_src import params as P
+from pipeline_src.loader import make_train_loader
+imported = time.perf_counter()
+p = P.load(sys.argv[2], sys.argv[3:])
+loader = make_train_loader(sys.argv[1], p, 64, 0, torch.device("cpu"))
+next(iter(loader))
+print(json.dumps({"import_s": round(imported - start, 2), "first_batch_s": round(time.perf_counter() - imported, 2)}))
+"""
+
+
+def startup_seconds(beton: Path, params_file: Path, sets: list[str]) -> dict:
+    """Our loader in a fresh process: import, then build and first batch (numba compilation and
+    pipeline start), with an empty numba cache (every kernel compiled) and again with the cache that
+    run filled (the `cache=True` kernels loaded; ffcv's generated pipeline code is compiled anew)."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache, "PYTHONPATH": str(REPO)}
+        runs = [json.loads(subprocess.run([sys.executable, "-c", STARTUP_SCRIPT, str(beton), str(params_file), *sets],
+                                          env=env, cwd=REPO, check=True, capture_output=True,
+                                          text=True).stdout.splitlines()[-1])
+                for _ in range(2)]
+    return {"empty_numba_cache": runs[0], "filled_numba_cache": runs[1]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -183,10 +341,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--decode-files", type=int, default=300, help="files in the decode-rate loops")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "tricks-bench-loader")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--no-startup", dest="startup", action="store_false",
+                        help="skip the two fresh-process start-up runs")
     args = parser.parse_args(argv)
 
-    params = P.load(args.params, [f"loader.res={args.res}", f"loader.num_workers={args.workers}",
-                                  "loader.order=random", "loader.drop_last=true", "loader.os_cache=true"])
+    sets = [f"loader.res={args.res}", f"loader.num_workers={args.workers}", "loader.order=random",
+            "loader.drop_last=true", "loader.os_cache=true"]
+    params = P.load(args.params, sets)
     train_dir, beton = prepare_data(args.workdir, args.images, args.min_size, args.max_size)
 
     load_before = round(os.getloadavg()[0], 2)
@@ -197,30 +358,42 @@ def main(argv: list[str] | None = None) -> dict:
     os.dup2(2, 1)
     try:
         timed = interleave({"ffcv": make_train_loader(beton, params, args.batch, 0, torch.device("cpu")),
-                            "torchvision": torchvision_loader(train_dir, params, args.batch, args.workers)},
+                            "torchvision": torchvision_loader(train_dir, params, args.batch, args.workers),
+                            "stock_ffcv": StockFFCV(beton, params, args.batch, args.workers)},
                            args.epochs, args.repeats)
     finally:
         sys.stdout.flush()
         ctypes.CDLL(None).fflush(None)  # C stdio buffers too
         os.dup2(stdout_fd, 1)
         os.close(stdout_fd)
-    ffcv, tv = timed["ffcv"], timed["torchvision"]
+    ffcv, tv, stock = timed["ffcv"], timed["torchvision"], timed["stock_ffcv"]
     files = sorted(train_dir.rglob("*.JPEG"))[:: max(1, args.images // args.decode_files)][: args.decode_files]
     decode = decode_rates(files)
     per_core = ffcv["images_per_s"] / args.workers
+    turbo = decode["ffcv_turbojpeg"]
     result = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "ffcv": ffcv,
         "torchvision": tv,
+        "stock_ffcv": stock,
         "speedup": round(ffcv["images_per_s"] / tv["images_per_s"], 2),
         "speedup_paired": round(statistics.median(a / b for a, b in zip(ffcv["blocks"], tv["blocks"])), 2),
+        "speedup_vs_ffcv": round(ffcv["images_per_s"] / stock["images_per_s"], 2),
+        "speedup_vs_ffcv_paired": round(statistics.median(a / b for a, b in zip(ffcv["blocks"], stock["blocks"])), 2),
         "ffcv_images_per_s_per_core": round(per_core, 1),
         "torchvision_images_per_s_per_core": round(tv["images_per_s"] / args.workers, 1),
+        "stock_ffcv_images_per_s_per_core": round(stock["images_per_s"] / args.workers, 1),
         "decode_images_per_s_one_core": decode,
-        "ffcv_per_core_over_turbojpeg_decode": round(per_core / decode["ffcv_turbojpeg"], 2),
+        "ffcv_per_core_over_turbojpeg_decode": round(per_core / turbo, 2),
+        "stock_ffcv_per_core_over_turbojpeg_decode": round(stock["images_per_s"] / args.workers / turbo, 2),
         "cpu_ratio": round(tv["cpu_ms_per_image"] / ffcv["cpu_ms_per_image"], 2),
+        "cpu_ratio_vs_ffcv": round(stock["cpu_ms_per_image"] / ffcv["cpu_ms_per_image"], 2),
         "ffcv_cpu_images_per_s_per_core": round(1000 / ffcv["cpu_ms_per_image"], 1),
-        "ffcv_cpu_per_core_over_turbojpeg_decode": round(1000 / ffcv["cpu_ms_per_image"] / decode["ffcv_turbojpeg"], 2),
+        "ffcv_cpu_per_core_over_turbojpeg_decode": round(1000 / ffcv["cpu_ms_per_image"] / decode["ffcv_turbojpeg_cpu"], 2),
+        "stock_ffcv_cpu_per_core_over_turbojpeg_decode": round(1000 / stock["cpu_ms_per_image"]
+                                                               / decode["ffcv_turbojpeg_cpu"], 2),
+        "stages_us_per_image_one_core": stage_costs(files, params),
+        "startup_seconds": startup_seconds(beton, args.params, sets) if args.startup else None,
         "cpu_count": os.cpu_count(),
         "load_average_1min": round(os.getloadavg()[0], 2),
         "load_average_1min_at_start": load_before,

@@ -6,6 +6,7 @@ few times on tiny betons (numba compiles each loader, ~5 s) and checked against 
 from __future__ import annotations
 
 import gc
+import io
 import json
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 import torch
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
-from ffcv.libffcv import resize_crop
+from ffcv.libffcv import imdecode, resize_crop
 from ffcv.loader import Loader
 from ffcv.pipeline.operation import Operation
 from ffcv.reader import Reader
@@ -26,8 +27,12 @@ from PIL import Image
 
 from pipeline_src import params as P
 from pipeline_src.loader import LoaderError, draws, gpu, make_train_loader, make_val_loader, measure_throughput
-from pipeline_src.loader import ops as loader_ops
+from pipeline_src.loader import decoders, kernels
 from pipeline_src.loader.pipelines import Augment, _drain, resolve_device, train_ops
+from pipeline_src.loader.state import EpochState
+from pipeline_src.loader.transforms import Normalize
+
+import loader_reference as reference
 
 # ffcv 1.0.2 + numba: freeing one loader while another exists makes a numba dispatcher finalizer
 # print a KeyError (plain ffcv does it too); it is harmless, and only that warning is silenced.
@@ -227,7 +232,7 @@ def numba_colour(images: np.ndarray, op: int, factor: float) -> np.ndarray:
     m, beta = np.zeros((1, 3, 3)), np.zeros(1)
     beta[0] = draws.step_matrix(op, factor, m[0])
     for img in out:
-        loader_ops.apply_color_steps(img, m, beta, 1)
+        reference.apply_color_steps(img, m, beta, 1)
     return out
 
 
@@ -256,8 +261,8 @@ def test_torch_ops_match_the_numba_ops():
         steps = draws.color_steps(key(5, 2, i, draws.STREAM_JITTER), strengths, mi, bi)
         assert steps == 4 and np.array_equal(mi, m[i]) and np.array_equal(bi, beta[i])
         img = x[i].copy()
-        loader_ops.apply_color_steps(img, mi, bi, steps)
-        loader_ops.apply_shift(img, expected[i], shift[i].astype(np.float32))
+        reference.apply_color_steps(img, mi, bi, steps)
+        reference.apply_shift(img, expected[i], shift[i].astype(np.float32))
     t = torch.from_numpy(x).permute(0, 3, 1, 2)
     out = gpu.apply_shift(gpu.apply_color_steps(t, torch.from_numpy(m).float(), torch.from_numpy(beta).float()),
                           torch.from_numpy(shift).float())
@@ -268,13 +273,13 @@ def sequential_augment(src: np.ndarray, mirror: bool, m, beta, steps: int, shift
                        mean: np.ndarray, inv_std: np.ndarray) -> np.ndarray:
     """What SeededFlip -> ColorJitter -> PCALighting -> Normalize compute, kernel by kernel."""
     flipped = np.empty_like(src)
-    loader_ops.copy_image(src, flipped, mirror)
+    kernels.copy_image(src, flipped, mirror)
     x = flipped.astype(np.float32)
     if steps:
-        loader_ops.apply_color_steps(x, m, beta, steps)
+        reference.apply_color_steps(x, m, beta, steps)
     if lighting:
         lit = np.empty_like(x)
-        loader_ops.apply_shift(x, lit, shift.astype(np.float32))
+        reference.apply_shift(x, lit, shift.astype(np.float32))
         x = lit
     return (x - mean) * inv_std
 
@@ -299,7 +304,7 @@ def test_fused_augment_equals_the_sequential_ops(strengths, lighting_std, h, w):
         lighting = lighting_std > 0
         expected = sequential_augment(src, mirror, m, beta, steps, shift, lighting, mean, inv_std)
         got = np.empty((h, w, 3), np.float32)
-        loader_ops.fused_augment(src, got, mirror, m, beta, steps, shift, lighting, mean, inv_std)
+        kernels.fused_augment(src, got, mirror, m, beta, steps, shift, lighting, mean, inv_std)
         assert np.abs(got - expected).max() < 2e-4  # float32 rounding; one grey level is ~0.017
     assert steps == np.count_nonzero(strengths)
 
@@ -324,7 +329,7 @@ def test_area_resize_is_opencv_inter_area(shape, out):
             h, w = max(h, out[0]), max(w, out[1])
             top, left = min(top, shape[0] - h), min(left, shape[1] - w)
             got = np.empty((*out, 3), np.uint8)
-            loader_ops.area_resize(img, float(top), float(left), float(h), float(w), got)
+            kernels.area_resize(img, float(top), float(left), float(h), float(w), got, 0, 0)
             diff = np.abs(got.astype(int) - opencv_area(img, top, left, h, w, out).astype(int))
             assert diff.max() <= 1 and diff.mean() < 0.05  # rounding of the float sums only
 
@@ -337,19 +342,34 @@ def test_area_resize_takes_fractional_boxes():
     for k in range(30):
         top, left, h, w = draws.random_crop(key(0, 0, k, 1), 90, 140, 0.3, 1.0, 0.75, 4 / 3)
         a, b = np.empty((24, 24, 3), np.uint8), np.empty((24, 24, 3), np.uint8)
-        loader_ops.area_resize(small, top / 2, left / 2, h / 2, w / 2, a)
-        loader_ops.area_resize(big, float(top), float(left), float(h), float(w), b)
+        kernels.area_resize(small, top / 2, left / 2, h / 2, w / 2, a, 0, 0)
+        kernels.area_resize(big, float(top), float(left), float(h), float(w), b, 0, 0)
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
+def test_area_resize_of_a_region_is_that_of_the_whole_image():
+    """The box read from a decoded region (any region holding it, origin given) gives the same bytes."""
+    rng = np.random.default_rng(6)
+    img = rng.integers(0, 256, (90, 140, 3)).astype(np.uint8)
+    for k in range(40):
+        top, left, h, w = draws.random_crop(key(0, 0, k, 1), 90, 140, 0.2, 1.0, 0.75, 4 / 3)
+        top, left, h, w = top / 2 + 20, left / 2 + 30, h / 2, w / 2  # fractional, inside the image
+        whole, part = np.empty((16, 16, 3), np.uint8), np.empty((16, 16, 3), np.uint8)
+        kernels.area_resize(img, top, left, h, w, whole, 0, 0)
+        y0, x0 = int(top) - k % 3, int(left) - k % 2
+        y1, x1 = min(int(np.ceil(top + h)) + k % 2, 90), min(int(np.ceil(left + w)) + k % 3, 140)
+        kernels.area_resize(np.ascontiguousarray(img[y0:y1, x0:x1]), top, left, h, w, part, y0, x0)
+        assert np.array_equal(whole, part)
+
+
 def test_decode_scale_keeps_the_crop_at_least_the_output_size():
-    assert loader_ops.decode_scale(255, 400, 128, 128, 8) == 1
-    assert loader_ops.decode_scale(256, 400, 128, 128, 8) == 2
-    assert loader_ops.decode_scale(400, 256, 128, 128, 2) == 2
-    assert loader_ops.decode_scale(300, 300, 32, 32, 8) == 8
-    assert loader_ops.decode_scale(300, 300, 32, 32, 4) == 4
-    assert loader_ops.decode_scale(300, 300, 32, 32, 1) == 1
-    assert loader_ops.decode_scale(127, 1000, 32, 32, 8) == 2
+    assert kernels.decode_scale(255, 400, 128, 128, 8) == 1
+    assert kernels.decode_scale(256, 400, 128, 128, 8) == 2
+    assert kernels.decode_scale(400, 256, 128, 128, 2) == 2
+    assert kernels.decode_scale(300, 300, 32, 32, 8) == 8
+    assert kernels.decode_scale(300, 300, 32, 32, 4) == 4
+    assert kernels.decode_scale(300, 300, 32, 32, 1) == 1
+    assert kernels.decode_scale(127, 1000, 32, 32, 8) == 2
 
 
 # --------------------------------------------------------------------------- loaders
@@ -437,7 +457,7 @@ def test_fused_loader_gives_the_sequential_ops_batches(textured_beton):
     """The default (fused) worker path against the four ops one by one, whole epochs, hue on too."""
     params = load_params("augment.hue=0.1")
     fused = take_epoch(make_train_loader(textured_beton, params, BATCH, 4, torch.device("cpu")), 1)
-    plain = take_epoch(make_train_loader(textured_beton, params, BATCH, 4, torch.device("cpu"), fused=False), 1)
+    plain = take_epoch(reference.reference_train_loader(textured_beton, params, BATCH, 4), 1)
     assert len(fused) == len(plain) == N_TEXTURED // BATCH
     for (x1, y1), (x2, y2) in zip(fused, plain):
         assert torch.equal(y1, y2)
@@ -470,7 +490,7 @@ def test_reduced_scale_decode_gives_the_full_decode_crops(large_jpeg_beton):
                          "augment.contrast=0", "augment.saturation=0", "augment.lighting_std=0")
     aug = Augment.from_params(params)
     meta = Reader(str(large_jpeg_beton)).metadata["f0"]
-    scales = [loader_ops.decode_scale(*draws.random_crop(key(2, 0, i, draws.STREAM_CROP), meta["height"][i],
+    scales = [kernels.decode_scale(*draws.random_crop(key(2, 0, i, draws.STREAM_CROP), meta["height"][i],
                                                         meta["width"][i], 0.3, 1.0, *aug.ratio)[2:], 32, 32, 8)
               for i in range(len(meta))]
     assert {2, 4}.issubset(scales)  # the test covers several scales
@@ -488,6 +508,51 @@ def test_reduced_scale_decode_gives_the_full_decode_crops(large_jpeg_beton):
         assert levels.mean(dim=(1, 2, 3)).max() < 2 * mean_bound  # no image is off (a shifted box would be)
 
 
+def jpeg_bytes(img: np.ndarray, subsampling: int) -> np.ndarray:
+    buffer = io.BytesIO()
+    Image.fromarray(img).save(buffer, "JPEG", quality=90, subsampling=subsampling)
+    return np.frombuffer(buffer.getvalue(), np.uint8)
+
+
+@pytest.mark.parametrize("subsampling", [0, 1, 2])  # 4:4:4, 4:2:2, 4:2:0 (ffcv's writer: OpenCV's 4:2:0)
+def test_crop_decode_equals_the_full_decode_then_crop(subsampling):
+    """The library's region at each scale, as the decoder asks for it, against ffcv's full decode."""
+    assert decoders.HAS_CROP_DECODE, f"{decoders.CROP_LIBRARY} is not built: run `make setup`"
+    rng = np.random.default_rng(subsampling)
+    img = gradient(203, 301).astype(np.float64)
+    data = jpeg_bytes(np.clip(img + rng.normal(0, 25, img.shape), 0, 255).astype(np.uint8), subsampling)
+    for scale in (1, 2, 4, 8):
+        sh, sw = -(-203 // scale), -(-301 // scale)
+        full = np.empty((sh, sw, 3), np.uint8)
+        imdecode(data, full, 203, 301, 203, 301, 0, 0, 1, scale, False, False)
+        for k in range(30):
+            top, left, h, w = draws.random_crop(key(0, scale, k, 1), 203, 301, 0.05, 1.0, 0.5, 2.0)
+            row0, row_end = decoders.region_rows(top, h, scale, sh)
+            col_lo, col_end = decoders.region_rows(left, w, scale, sw)
+            col_lo, col_end = max(col_lo - 1, 0), min(col_end + 1, sw)  # one column more, as the decoder
+            out, region = np.zeros(full.size, np.uint8), np.zeros(2, np.int64)
+            assert decoders.crop_decode(data, out, scale, row0, col_lo, row_end - row0, col_end - col_lo, region) == 0
+            x0, width = region
+            assert x0 <= col_lo and x0 + width >= col_end
+            got = out[:3 * (row_end - row0) * width].reshape(row_end - row0, width, 3)
+            a, b = decoders.region_rows(left, w, scale, sw)
+            assert np.array_equal(got[:, a - x0:b - x0], full[row0:row_end, a:b])
+    assert decoders.crop_decode(data[:100], out, 2, 0, 0, 10, 10, region) == -1  # truncated: an error, no crash
+    assert decoders.crop_decode(data, out, 2, 0, 0, 200, 10, region) == -1  # box outside the scaled image
+
+
+@pytest.mark.timeout(120)
+def test_the_loader_decodes_crop_regions_through_the_library(large_jpeg_beton):
+    """With the library built every JPEG crop is a region decode, and the batches are the full decode's."""
+    params = load_params("loader.max_decode_scale=8", "augment.crop_area=[0.08,1.0]")
+    before = decoders.decoded_regions()
+    region = take_epoch(reference.reference_train_loader(large_jpeg_beton, params, 8, 1), 0)
+    assert decoders.decoded_regions() - before == 24  # every image of the epoch
+    full = take_epoch(reference.reference_train_loader(large_jpeg_beton, params, 8, 1, region_decode=False), 0)
+    assert decoders.decoded_regions() - before == 24
+    assert same_batches(region, full)
+
+
 @pytest.mark.timeout(120)
 def test_flip_and_lighting_follow_the_draws_and_jitter_is_left_out(plain_beton, plain_images):
     """Full-image crops of constant and gradient images: flips and shifts are exactly the drawn ones."""
@@ -495,10 +560,8 @@ def test_flip_and_lighting_follow_the_draws_and_jitter_is_left_out(plain_beton, 
                          "augment.contrast=0", "augment.saturation=0", "loader.drop_last=false",
                          "loader.order=quasi_random", "loader.os_cache=false")
     aug = Augment.from_params(params)
-    assert [type(op).__name__ for op in train_ops(aug, loader_ops.EpochState(0), True, fused=False)] == [
-        "SeededFlip", "PCALighting", "Normalize"]
-    [fused] = train_ops(aug, loader_ops.EpochState(0), True)
-    assert fused.parts == ("flip", "lighting", "normalize")
+    fused, ops = train_ops(aug, EpochState(0), True)
+    assert fused.parts == ("flip", "lighting", "normalize") and ops == []
     mean, std = np.array(aug.mean), np.array(aug.std)
     loader = make_train_loader(plain_beton, params, BATCH, 3, torch.device("cpu"))
     flips, alphas = [], []
@@ -579,7 +642,7 @@ def test_a_dead_pipeline_thread_raises_instead_of_hanging(plain_beton):
 @pytest.mark.timeout(60)
 def test_numba_op_after_totensor_is_an_error_not_a_hang(plain_beton):
     # ffcv 1.0.2's graph loops forever when a numba op follows a torch op; ours refuse first
-    pipeline = [CenterCropRGBImageDecoder((16, 16), ratio=1.0), ToTensor(), loader_ops.Normalize((0, 0, 0), (1, 1, 1))]
+    pipeline = [CenterCropRGBImageDecoder((16, 16), ratio=1.0), ToTensor(), Normalize((0, 0, 0), (1, 1, 1))]
     with pytest.raises(ValueError, match="before ToTensor"):
         Loader(str(plain_beton), batch_size=8, num_workers=1, pipelines={"image": pipeline})
 
@@ -587,18 +650,16 @@ def test_numba_op_after_totensor_is_an_error_not_a_hang(plain_beton):
 def test_ops_are_left_out_when_switched_off():
     params = load_params("augment.flip=false", "augment.brightness=0", "augment.contrast=0",
                          "augment.saturation=0", "augment.lighting_std=0")
-    state = loader_ops.EpochState(0)
-    assert [type(op).__name__ for op in train_ops(Augment.from_params(params), state, True, fused=False)] == [
-        "Normalize"]
-    [fused] = train_ops(Augment.from_params(params), state, True)
-    assert fused.parts == ("normalize",)
-    assert train_ops(Augment.from_params(params), state, False) == []
+    state = EpochState(0)
+    fused, ops = train_ops(Augment.from_params(params), state, True)
+    assert fused.parts == ("normalize",) and ops == []
+    assert train_ops(Augment.from_params(params), state, False) == (None, [])
     full = Augment.from_params(load_params("augment.hue=0.1"))
-    assert [type(op).__name__ for op in train_ops(full, state, True, fused=False)] == [
-        "SeededFlip", "ColorJitter", "PCALighting", "Normalize"]
-    [fused] = train_ops(full, state, True)
+    fused, ops = train_ops(full, state, True)
     assert type(fused).__name__ == "FusedAugment" and fused.parts == ("flip", "jitter", "lighting", "normalize")
-    assert [type(op).__name__ for op in train_ops(full, state, False)] == ["SeededFlip"]
+    assert ops == []
+    fused, ops = train_ops(full, state, False)
+    assert fused is None and [type(op).__name__ for op in ops] == ["SeededFlip"]
 
 
 def test_bad_inputs_give_clear_errors(tmp_path, plain_beton, monkeypatch):

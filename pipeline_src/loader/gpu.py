@@ -2,7 +2,7 @@
 
 With CUDA the loader ships uint8 crops to the GPU and runs jitter, lighting and normalization
 there. The random factors come from `draws` keyed by the batch's sample indices, exactly as the
-numba ops in `ops.py` draw them, so both paths give the same images up to float rounding. The
+numba pass in `kernels.py` draws them, so both paths give the same images up to float rounding. The
 maths runs in float32 (pixel values reach 255, beyond bf16's integer precision); only the
 result is cast to the training dtype. Everything here also runs on CPU tensors (the tests do).
 """
@@ -15,8 +15,8 @@ import torch
 
 from . import draws
 
-if TYPE_CHECKING:  # ops imports ffcv; this module runs without it (bench/gpu_check.py on a bare GPU machine)
-    from .ops import EpochState
+if TYPE_CHECKING:  # state imports ffcv; this module runs without it (bench/gpu_check.py on a bare GPU machine)
+    from .state import EpochState
 
 _GRAY = torch.tensor(draws.GRAY, dtype=torch.float32)
 

@@ -2,9 +2,9 @@
 
 One definition, two device paths. The random-resized crop always runs in the loader's numba
 workers (the decoder, `SeededRandomResizedCrop`). Then either
-  * CPU: flip, ColorJitter -> PCALighting -> Normalize as one fused numba op (`FusedAugment`) that
-    the decoder applies to each crop in its own loop, float32 batches (`fused=False`: the four ops
-    one after the other, the reference the tests compare with); or
+  * CPU: flip, colour jitter -> PCA lighting -> normalize as one fused numba pass (`FusedAugment`)
+    that the decoder applies to each crop in its own loop, float32 batches (the tests compare it
+    with the four ops one after the other, tests/loader_reference.py); or
   * CUDA: flip in the workers on uint8, then the uint8 batch goes to the GPU
     (`ToDevice(non_blocking=True)`) and `gpu.DeviceAugment` applies the same jitter, lighting and
     normalization as torch ops there.
@@ -40,8 +40,9 @@ from pipeline_src.errors import InputError
 
 from . import draws
 from .gpu import DeviceAugment
-from .ops import (ColorJitter, EpochState, FusedAugment, Normalize, PCALighting, SampleIndexDecoder,
-                  SeededFlip, SeededRandomResizedCrop)
+from .decoders import SampleIndexDecoder, SeededRandomResizedCrop
+from .state import EpochState
+from .transforms import FusedAugment, Normalize, SeededFlip
 
 ORDERS = {
     "random": OrderOption.RANDOM,
@@ -115,22 +116,15 @@ def image_pipeline(decoder, worker_ops: list, device: torch.device, channels_las
     return PipelineSpec("image", decoder=decoder, transforms=transforms)
 
 
-def train_ops(aug: Augment, state: EpochState, colour_in_workers: bool, fused: bool = True) -> list:
-    """The numba ops after the crop decoder: flip, then (CPU path) jitter, lighting, normalize.
+def train_ops(aug: Augment, state: EpochState, colour_in_workers: bool) -> tuple[FusedAugment | None, list]:
+    """(fused, ops): what runs in the workers after the crop is drawn and resized.
 
-    On the CPU path these are one `FusedAugment`, which the decoder runs, unless `fused` is false
-    (the reference: one op each).
+    CPU path: flip, jitter, lighting and normalize as one `FusedAugment`, which the decoder runs on
+    each crop, and no pipeline ops. Device path: no fused pass, the flip as a pipeline op (if on).
     """
-    if colour_in_workers and fused:
-        return [FusedAugment(aug.flip, aug.strengths, aug.lighting_std, aug.mean, aug.std)]
-    ops: list = [SeededFlip(state)] if aug.flip else []
     if colour_in_workers:
-        if any(aug.strengths):
-            ops.append(ColorJitter(aug.strengths, state))
-        if aug.lighting_std > 0:
-            ops.append(PCALighting(aug.lighting_std, draws.PCA_EIGVAL, draws.PCA_EIGVEC, state))
-        ops.append(Normalize(aug.mean, aug.std))
-    return ops
+        return FusedAugment(aug.flip, aug.strengths, aug.lighting_std, aug.mean, aug.std), []
+    return None, [SeededFlip(state)] if aug.flip else []
 
 
 def _label_pipeline(device: torch.device) -> list:
@@ -243,15 +237,14 @@ def _stop(it) -> None:
 
 
 def make_train_loader(beton: Path, params: dict, batch_size: int, seed: int, device: torch.device,
-                      distributed: bool = False, colour_on_device: bool | None = None,
-                      fused: bool = True) -> FastLoader:
+                      distributed: bool = False, colour_on_device: bool | None = None) -> FastLoader:
     """Train batches: random-resized crop at loader.res, flip, colour jitter, PCA lighting, normalize.
 
     `batch_size` is per process (global batch // world size under DDP); with distributed=True each
     rank reads its shard (ffcv uses torch.distributed's rank and world size). `colour_on_device`
-    picks the path (default: torch ops on CUDA devices, numba ops in the workers on CPU). `fused`
-    false gives the reference path of one op per augmentation (same output, for tests); JPEGs are
-    decoded at up to 1 / loader.max_decode_scale of their size when the crop allows.
+    picks the path (default: torch ops on CUDA devices, numba ops in the workers on CPU). JPEGs are
+    decoded at up to 1 / loader.max_decode_scale of their size when the crop allows, and only the
+    crop's region where the crop library is built (`decoders`).
     """
     beton = _check_beton(beton)
     _check_device(device)
@@ -260,10 +253,9 @@ def make_train_loader(beton: Path, params: dict, batch_size: int, seed: int, dev
     state = EpochState(seed)
     in_workers = device.type == "cpu" if colour_on_device is None else not colour_on_device
     res = cfg["res"]
-    worker_ops = train_ops(aug, state, in_workers, fused)
+    fused, worker_ops = train_ops(aug, state, in_workers)
     # the fused augmentation is no pipeline op: the decoder runs it on each crop while it is in cache
-    folded = worker_ops.pop() if worker_ops and isinstance(worker_ops[0], FusedAugment) else None
-    decoder = SeededRandomResizedCrop((res, res), aug.area, aug.ratio, state, cfg["max_decode_scale"], folded)
+    decoder = SeededRandomResizedCrop((res, res), aug.area, aug.ratio, state, cfg["max_decode_scale"], fused)
     pipelines = {
         "image": image_pipeline(decoder, worker_ops, device, channels_last),
         "label": _label_pipeline(device),
