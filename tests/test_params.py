@@ -272,3 +272,7 @@ def test_overlay_errors_name_the_overlay(tmp_path):
     (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
     with pytest.raises(P.ParamsError, match="cycle of profiles"):
         P.load(tmp_path / "loop.yaml")
+    dup = _overlay(tmp_path, OWN_PATHS)
+    dup.write_text(dup.read_text() + "train:\n  epochs: 3\n  epochs: 4\n")
+    with pytest.raises(P.ParamsError, match=r"overlay.yaml: line \d+: key 'epochs' is given twice"):
+        P.load(dup)
