@@ -252,8 +252,8 @@ def ranking(kind: str, params: dict, results: Results, defined: set[str]) -> lis
 def transfer_table(spec: dict, results: Results, defined: set[str]) -> list[Block]:
     """Table 8 or 9: the paper's transfer numbers beside ours, with each backbone's ImageNet top-1."""
     task, metrics = spec["task"], spec["metrics"]
-    total = len(results.seeds)
-    headers = ("backbone", "run", "ImageNet top-1 ours", "ImageNet top-1 paper", "seeds")
+    total = len(results.transfer_seeds)  # the fine-tunes run for study.transfer_seeds only
+    headers = ("backbone", "run", "ImageNet top-1 ours", "ImageNet top-1 paper", "fine-tune seeds")
     for title in metrics.values():
         headers += (f"{title} ours", f"{title} paper")
     rows = []
