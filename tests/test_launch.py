@@ -83,7 +83,6 @@ def test_slurm_jobs_count_the_allocation_and_start_one_task_per_node():
 
 def test_slurm_submission_asks_the_plugins_gpu_resources(tmp_path):
     """The slurm profile through snakemake-executor-plugin-slurm, a fake sbatch recording its arguments."""
-    pytest.importorskip("snakemake_executor_plugin_slurm")
     import yaml
 
     from tests.conftest import write_micro_params
