@@ -196,14 +196,17 @@ def dvc_yaml(params: dict, params_file: str, root: str | Path = ".", wdir: str =
         "outs": [f"{data}/betons/{name}" for name in (*BETONS, "manifest.json")],
     }
     stages["train"] = _run_stage(params, root, args, params["study"]["tables"], False)
-    out = f"{runs_dir}/{teacher}/seed{params['teacher']['seed']}"
-    stages["teacher"] = {
-        "cmd": f"{LAUNCH_ONE_GPU} pipeline_src.teacher {args} --seed {params['teacher']['seed']}",
-        "deps": [f"{data}/betons/{b}" for b in BETONS] + [plan_file(params, "teacher", teacher)]
-                + ([params["teacher"]["checkpoint"]] if params["teacher"]["checkpoint"] else [])
-                + stage_code(root, "teacher"),
-        "outs": [f"{out}/model.pt", f"{out}/history.json"],
-        "metrics": [f"{out}/metrics.json"],
+    out = f"{runs_dir}/{teacher}/seed${{item}}"
+    stages["teacher"] = {  # one job, named by its seed as Snakemake's wildcard names it
+        "foreach": [params["teacher"]["seed"]],
+        "do": {
+            "cmd": f"{LAUNCH_ONE_GPU} pipeline_src.teacher {args} --seed ${{item}}",
+            "deps": [f"{data}/betons/{b}" for b in BETONS] + [plan_file(params, "teacher", teacher)]
+                    + ([params["teacher"]["checkpoint"]] if params["teacher"]["checkpoint"] else [])
+                    + stage_code(root, "teacher"),
+            "outs": [f"{out}/model.pt", f"{out}/history.json"],
+            "metrics": [f"{out}/metrics.json"],
+        },
     }
     stages["distill"] = _run_stage(params, root, args, params["study"]["distilled"], True)
     for group, names in ablation_runs(params).items():

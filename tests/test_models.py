@@ -20,7 +20,7 @@ def meta_resnet(depth: int, variant: str, width: float = 1.0) -> ResNet:
 
 
 def cfg(**kw) -> dict:
-    base = {"arch": "resnet", "depth": 26, "variant": "A", "width": 0.125, "init": "xavier"}
+    base = {"arch": "resnet", "depth": 26, "variant": "A", "width": 0.125, "stem_stride": 4, "init": "xavier"}
     return {**base, "zero_gamma": False, **kw}
 
 

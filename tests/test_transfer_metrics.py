@@ -240,7 +240,7 @@ def test_no_class_prediction_counts_as_wrong_and_bad_values_are_errors():
 
 def test_table9_names_the_miou_convention_it_reports(tmp_path):
     spec = load_paper_numbers()["tables"]["table9"]
-    table = transfer_table(spec, Results(tmp_path, [0]), set())[1]
+    table = transfer_table(spec, Results(tmp_path, [0], {}, "params.yaml"), set())[1]
     assert "mIoU (mean over all classes) ours" in table.headers
 
 
