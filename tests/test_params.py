@@ -276,3 +276,11 @@ def test_overlay_errors_name_the_overlay(tmp_path):
     dup.write_text(dup.read_text() + "train:\n  epochs: 3\n  epochs: 4\n")
     with pytest.raises(P.ParamsError, match=r"overlay.yaml: line \d+: key 'epochs' is given twice"):
         P.load(dup)
+
+
+def test_transfer_seeds_must_be_trained_seeds_and_seeds_not_empty():
+    with pytest.raises(P.ParamsError, match=r"'study.transfer_seeds' has seed\(s\) \[5\] that are not in"):
+        P.load(ROOT / "params.yaml", ["study.transfer_seeds=[0, 5]"])
+    with pytest.raises(P.ParamsError, match="'study.seeds' is empty"):
+        P.load(ROOT / "params.yaml", ["study.seeds=[]", "study.transfer_seeds=[]"])
+    assert P.load(ROOT / "params.yaml", ["study.seeds=[3]", "study.transfer_seeds=[3]"])["study"]["seeds"] == [3]
