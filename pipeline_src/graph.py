@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import gc
 import hashlib
 import json
 import os
@@ -55,11 +56,24 @@ def _module_file(root: Path, module: str) -> Path | None:
     return None
 
 
+def parse_module(path: Path) -> ast.Module:
+    """`ast.parse` with the garbage collector paused: on CPython 3.11.7 a finalizer that runs during
+    the parse (numba's dispatchers have them) fails it with "AST constructor recursion depth
+    mismatch" (seen in CI, in a process that had run numba code)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return ast.parse(path.read_text(), str(path))
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _imports(path: Path, module: str) -> set[str]:
     """pipeline_src modules `path` imports, anywhere in it (lazy imports count)."""
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(parse_module(path)):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

@@ -169,7 +169,7 @@ def test_env_pip_section_alone_covers_what_the_stages_import(tmp_path):
     owners = md.packages_distributions()
     imported = set()
     for path in (ROOT / "pipeline_src").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(G.parse_module(path)):
             if isinstance(node, ast.Import):
                 imported |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
