@@ -417,3 +417,27 @@ def test_malformed_machine_record_is_a_clear_error(tmp_path, capsys):
     assert build.main(["--params", str(params_path)] + [a for s in sets for a in ("--set", s)]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "runs" / "baseline" / "seed0" / "metrics.json") in err and "key 'machine'" in err
+
+
+def test_runs_near_chance_are_flagged_with_the_classes_chance(tmp_path):
+    """10 classes: chance 10 %; 24.9 is within 15 points of it (flagged), 25.1 and the baseline are not."""
+    path, sets = _params(tmp_path)
+    params = P.load(path, sets)
+    _write_run(params, "baseline", [60, 62, 64])
+    _write_run(params, "t4-warmup", [24.8, 24.9, 25.0])
+    _write_run(params, "t4-zero-gamma", [25.0, 25.1, 25.2])
+    betons = tmp_path / "data" / "betons"
+    betons.mkdir(parents=True)
+    (betons / "classes.json").write_text(json.dumps({"wnids": [f"n{i:08d}" for i in range(10)]}))
+    md = build.build(params)["markdown"].read_text()
+    rows = _table(md, "### Table 4, BS = 256")
+    assert rows["t4-warmup"]["top-1 ours"] == f"24.90 ± 0.10 {tables.NEAR_CHANCE}"
+    assert rows["t4-zero-gamma"]["top-1 ours"] == "25.10 ± 0.10"
+    assert rows["baseline"]["top-1 ours"] == "62.00 ± 2.00"
+    note = _section(md, "### Table 4, BS = 256")
+    assert f"{tables.NEAR_CHANCE} Near chance (top-1 within 15 points of chance, 10.00 %): `t4-warmup` (24.90)." in note
+    assert "`t4-zero-gamma` (" not in note
+    # without classes.json the chance is unknown: nothing is flagged
+    shutil.rmtree(betons)
+    md = build.build(params)["markdown"].read_text()
+    assert tables.NEAR_CHANCE not in md

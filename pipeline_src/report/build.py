@@ -310,15 +310,16 @@ def build(params: dict) -> dict[str, Path]:
     names = list(resolved) + [n for n in runs_named(paper) if n not in defined]
     num_classes = read_num_classes(Path(params["paths"]["data"]))
     t = paper["tables"]
+    chance = None if num_classes is None else 100.0 / num_classes
 
     blocks = header(params, num_classes, machine_lines(names, resolved, results)) + [status(names, results)]
     blocks += stale_section(params, names, defined, results)
     blocks += [Heading(2, "Efficient training (Tables 3 and 4)")]
     blocks += tables.table3(t["table3"], results, defined)
-    blocks += tables.comparison_table(t["table4"], results, defined)
-    blocks += [Heading(2, "Model tweaks (Table 5)")] + tables.comparison_table(t["table5"], results, defined)
+    blocks += tables.comparison_table(t["table4"], results, defined, chance)
+    blocks += [Heading(2, "Model tweaks (Table 5)")] + tables.comparison_table(t["table5"], results, defined, chance)
     blocks += [Heading(2, "Training refinements (Table 6)"), tables.teacher_line(params["teacher"]["run"], results)]
-    blocks += tables.comparison_table(t["table6"], results, defined)
+    blocks += tables.comparison_table(t["table6"], results, defined, chance)
     blocks += [Heading(2, "Each trick's effect")]
     blocks += tables.ranking("single_trick", params, results, defined)
     blocks += tables.ranking("leave_one_out", params, results, defined)

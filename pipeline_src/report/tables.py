@@ -14,6 +14,8 @@ DAGGER = "†"
 AGREE, DISAGREE, UNRESOLVED = "agree", "disagree", "unresolved"
 HELPS, HURTS = "helps", "hurts"
 NONE = "—"  # no value: the run is missing, or no run reproduces the row
+NEAR_CHANCE = "‡"
+NEAR_CHANCE_POINTS = 15.0  # top-1 within this many points of chance: the run did not learn (issue #13's bar)
 
 
 def fmt(x: float, signed: bool = False) -> str:
@@ -119,8 +121,29 @@ def sign_summary(where: str, verdicts: dict[str, list[str | None]]) -> Para:
     return Para(f"Summary, {where}: " + "; ".join(parts) + ".")
 
 
-def comparison_column(spec: dict, column: dict, results: Results, defined: set[str]) -> list[Block]:
-    """One column of Table 4, 5 or 6: each row against the column's first (baseline) row, seed by seed."""
+def near_chance(result: RunResult | None, chance: float | None) -> bool:
+    """Whether a finished run's mean top-1 is within NEAR_CHANCE_POINTS of chance (100 / classes)."""
+    top1 = None if result is None else result.summary("top1")
+    return chance is not None and top1 is not None and top1.mean <= chance + NEAR_CHANCE_POINTS
+
+
+def near_chance_note(names: list[str], results: Results, chance: float | None) -> Para | None:
+    """Names the runs that did not learn, so that a delta to or from one is read as that collapse."""
+    flagged = [n for n in dict.fromkeys(names) if near_chance(results.run(n), chance)]
+    if not flagged:
+        return None
+    runs = ", ".join(f"`{n}` ({fmt(results.run(n).summary('top1').mean)})" for n in flagged)
+    return Para(f"{NEAR_CHANCE} Near chance (top-1 within {NEAR_CHANCE_POINTS:g} points of chance, "
+                f"{fmt(chance)} %): {runs}. These runs did not learn on this profile, so a delta to or from "
+                f"one measures that collapse, not the trick; the README's \"Why ResNet-A, -B and -C stay "
+                f"near chance\" says why.")
+
+
+def comparison_column(spec: dict, column: dict, results: Results, defined: set[str],
+                      chance: float | None) -> list[Block]:
+    """One column of Table 4, 5 or 6: each row against the column's first (baseline) row, seed by seed.
+
+    `chance` is the top-1 of guessing (100 / classes), None where the classes are unknown."""
     rows = column["rows"]
     base = rows[0]
     base_result = results.run(base["run"])
@@ -137,7 +160,8 @@ def comparison_column(spec: dict, column: dict, results: Results, defined: set[s
         cells = [label(row), _run_cell(row["run"]), _seeds(result, total),
                  "baseline" if row is base else str(pairs)]
         for m, name in (("top1", "top-1"), ("top5", "top-5")):
-            cells += [fmt_summary(result.summary(m)), fmt_paper(row[m])]
+            flag = f" {NEAR_CHANCE}" if m == "top1" and near_chance(result, chance) else ""
+            cells += [fmt_summary(result.summary(m)) + flag, fmt_paper(row[m])]
             if row is base:
                 cells += ["baseline", "baseline", ""]
                 continue
@@ -147,13 +171,15 @@ def comparison_column(spec: dict, column: dict, results: Results, defined: set[s
             cells += [fmt_delta(deltas[m]), fmt(paper_delta, True), verdict or NONE]
         table_rows.append(tuple(cells))
     where = f"{spec['cite']}, {column['label']}"
+    names = [r["run"] for r in rows]
+    collapsed = near_chance_note([n for n in names if n is not None], results, chance)
     return [Heading(3, f"{where}: {spec['title']}"),
             Table(headers, tuple(table_rows)),
-            sign_summary(where, verdicts),
-            missing_note([r["run"] for r in rows], results, defined)]
+            sign_summary(where, verdicts)] + ([collapsed] if collapsed else []) + [
+            missing_note(names, results, defined)]
 
 
-def comparison_table(spec: dict, results: Results, defined: set[str]) -> list[Block]:
+def comparison_table(spec: dict, results: Results, defined: set[str], chance: float | None) -> list[Block]:
     """Every column of the table that a run of ours reproduces; the others are named, not shown."""
     blocks: list[Block] = []
     paper_only = []
@@ -161,7 +187,7 @@ def comparison_table(spec: dict, results: Results, defined: set[str]) -> list[Bl
         if all(r["run"] is None for r in column["rows"]):
             paper_only.append(column["label"])
         else:
-            blocks += comparison_column(spec, column, results, defined)
+            blocks += comparison_column(spec, column, results, defined, chance)
     if paper_only:
         blocks.append(Para(f"{spec['cite']} columns no run reproduces (paper numbers in "
                            f"`paper_numbers.yaml`): {', '.join(paper_only)}."))
