@@ -250,6 +250,7 @@ SCHEMA: dict[str, Any] = {
             "metric": _str(["voc07", "voc07_exact", "all_point"]),
             "train_difficult": _bool(),
             "allow_missing_voc2012": _bool(),
+            "stem_stride": _int(choices=(1, 2, 4), nullable=True),
         },
         "segmentation": {
             "epochs": _int(1),
@@ -264,6 +265,7 @@ SCHEMA: dict[str, Any] = {
             "output_stride": _int(choices=(8, 16, 32)),
             "aux_loss": _bool(),
             "aux_weight": _float(0.0),
+            "stem_stride": _int(choices=(1, 2, 4), nullable=True),
         },
     },
     "tricks": MapOf(Overrides()),

@@ -72,11 +72,17 @@ def test_load_backbone_keeps_the_checkpoint_weights(env):
     # dilation changes strides, not weights
     dilated, _ = bb.load_backbone(path, env["model_cfg"], bb.DILATION[8])
     assert all(torch.equal(dilated.state_dict()[k], v) for k, v in expected.items())
+    # a task's stem_stride changes the stem's downsampling, not its weights, and the meta says which
+    assert env["model_cfg"]["stem_stride"] != 4
+    strided, strided_meta = bb.load_backbone(path, env["model_cfg"], stem_stride=4)
+    assert strided_meta["model"] == {**env["model_cfg"], "stem_stride": 4} and hasattr(strided.stem, "pool")
+    assert all(torch.equal(strided.state_dict()[k], v) for k, v in expected.items())
 
 
 def test_load_backbone_refuses_another_architecture(env, tmp_path):
     path = bb.checkpoint_path(env["params"], BACKBONE, 0)
-    with pytest.raises(bb.TransferError, match=rf"{path}.*width: checkpoint 0.25, params 0.5.*stale"):
+    width = env["model_cfg"]["width"]
+    with pytest.raises(bb.TransferError, match=rf"{path}.*width: checkpoint {width}, params 0.5.*stale"):
         bb.load_backbone(path, {**env["model_cfg"], "width": 0.5})
     with pytest.raises(bb.TransferError, match=r"variant: checkpoint 'D', params 'B'"):
         bb.load_backbone(path, {**env["model_cfg"], "variant": "B"})
@@ -106,9 +112,9 @@ def test_check_backbone_run_names_the_problem(env):
 
 
 def _detector(env, style: str, **changes):
-    trunk, _ = bb.load_backbone(bb.checkpoint_path(env["params"], BACKBONE, 0))
-    mean, std = bb.normalization(env["params"], BACKBONE)
     cfg = {**env["params"]["transfer"]["detection"], "style": style, **changes}
+    trunk, _ = bb.load_backbone(bb.checkpoint_path(env["params"], BACKBONE, 0), stem_stride=cfg["stem_stride"])
+    mean, std = bb.normalization(env["params"], BACKBONE)
     return trunk, detection.build_faster_rcnn(trunk, CLASSES, cfg, mean, std)
 
 
@@ -200,7 +206,8 @@ def test_detector_takes_anchors_sampling_and_frozen_stages_from_params(env, styl
 
 @pytest.mark.parametrize("stride", [8, 16])
 def test_fcn_output_stride_and_logits_at_input_size(env, stride):
-    trunk, _ = bb.load_backbone(bb.checkpoint_path(env["params"], BACKBONE, 0), None, bb.DILATION[stride])
+    trunk, _ = bb.load_backbone(bb.checkpoint_path(env["params"], BACKBONE, 0), None, bb.DILATION[stride],
+                                stem_stride=env["params"]["transfer"]["segmentation"]["stem_stride"])
     model = segmentation.build_fcn(trunk, CLASSES, aux_loss=True).eval()
     x = torch.zeros(1, 3, 64, 96)
     with torch.no_grad():

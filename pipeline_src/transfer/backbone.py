@@ -164,11 +164,14 @@ def load_backbone(
     path: Path,
     expected_model: dict | None = None,
     replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False),
+    stem_stride: int | None = None,
 ) -> tuple[ResNet, dict]:
     """Our ResNet with the weights of a final model file, without its classifier (`fc` and `avgpool`
     are replaced by identities); returns (trunk, meta).
 
     `expected_model` (the run's params['model']) must match the checkpoint's architecture.
+    `stem_stride` (a task's `stem_stride` key; None: as trained) sets the stem's downsampling: the
+    weights do not depend on it, and scenes larger than the classification crops need the paper's 4.
     """
     path = Path(path)
     state_dict, meta = checkpoint.load_model_weights(path)
@@ -190,6 +193,9 @@ def load_backbone(
                 f"{path}: the checkpoint's architecture differs from the run's params ({details}); "
                 "the checkpoint is stale: delete its folder and re-train the run"
             )
+    if stem_stride is not None:  # the meta then describes the trunk as built, for the fine-tune's model.pt
+        model_cfg = {**model_cfg, "stem_stride": stem_stride}
+        meta = {**meta, "model": model_cfg}
     model = ResNet(
         model_cfg["depth"], model_cfg["variant"], model_cfg["width"], meta["num_classes"],
         model_cfg["init"], replace_stride_with_dilation=replace_stride_with_dilation,

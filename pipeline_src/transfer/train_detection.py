@@ -36,7 +36,7 @@ def build(params: dict, backbone: str, seed: int, ckpt: Path, device: torch.devi
     """Faster-RCNN on the backbone, SGD with step decay per epoch, scored by VOC AP."""
     cfg = params["transfer"][TASK]
     classes, train_records, test_records = voc_data(params)
-    trunk, meta = bb.load_backbone(ckpt, P.resolve_run(params, backbone)["model"])
+    trunk, meta = bb.load_backbone(ckpt, P.resolve_run(params, backbone)["model"], stem_stride=cfg["stem_stride"])
     mean, std = bb.normalization(params, backbone)
     model = detection.build_faster_rcnn(trunk, len(classes), cfg, mean, std).to(device)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],

@@ -33,7 +33,8 @@ def build(params: dict, backbone: str, seed: int, ckpt: Path, device: torch.devi
     cfg = params["transfer"][TASK]
     num_classes, train_records, val_records = ade_data(params)
     trunk, meta = bb.load_backbone(ckpt, P.resolve_run(params, backbone)["model"],
-                                   replace_stride_with_dilation=bb.DILATION[cfg["output_stride"]])
+                                   replace_stride_with_dilation=bb.DILATION[cfg["output_stride"]],
+                                   stem_stride=cfg["stem_stride"])
     mean, std = bb.normalization(params, backbone)
     model = segmentation.build_fcn(trunk, num_classes, cfg["aux_loss"]).to(device)
     loader = segmentation.train_loader(train_records, num_classes, cfg["batch_size"], cfg["base_size"],
