@@ -317,6 +317,7 @@ def _train(cfg: dict, run: str, seed: int, out: Path) -> dict | None:
     tracker = tracking.start_run(cfg, run, seed, tags, enabled=ddp.main, resume=state is not None)
     with tracker:
         tracker.log_history(history)  # epochs an outage or a kill kept out of the store
+        final = None  # the last epoch's evaluation, with the logit gaps of Figure 4
         for epoch in range(start_epoch, train_cfg["epochs"]):
             train_loader.set_epoch(epoch)
             lr_now = optimizer.param_groups[0]["lr"]
@@ -324,7 +325,10 @@ def _train(cfg: dict, run: str, seed: int, out: Path) -> dict | None:
             stats, lr_points = train_one_epoch(compiled, teacher, train_loader, optimizer, scheduler, scaler, cfg,
                                                device, precision, num_classes, mix_gen, epoch, ckpt)
             last = epoch == train_cfg["epochs"] - 1
-            if last or (epoch + 1) % train_cfg["eval_every"] == 0:
+            if last:
+                final = evaluate(model, val_loader, cfg, device, precision, num_classes, keep_gaps=True)
+                stats.update({k: v for k, v in final.items() if k != "logit_gaps"})
+            elif (epoch + 1) % train_cfg["eval_every"] == 0:
                 stats.update(evaluate(model, val_loader, cfg, device, precision, num_classes))
             stats.update(epoch=epoch, lr=lr_now, images_per_s=stats["images_per_s"] * ddp.world,
                          epoch_time_s=time.perf_counter() - epoch_start)
@@ -341,7 +345,8 @@ def _train(cfg: dict, run: str, seed: int, out: Path) -> dict | None:
                 })
             # After the checkpoint: a tracking outage costs no training (it retries, then warns).
             tracker.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch)
-        final = evaluate(model, val_loader, cfg, device, precision, num_classes, keep_gaps=True)
+        if final is None:  # resumed after the last epoch's checkpoint
+            final = evaluate(model, val_loader, cfg, device, precision, num_classes, keep_gaps=True)
         if not ddp.main:
             return None
         metrics = {
