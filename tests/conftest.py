@@ -14,7 +14,7 @@ MICRO = {
                   "voc_trainval": 8, "voc_test": 4, "ade_train": 8, "ade_val": 4, "scene_size": [64, 80]},
     "prepare": {"max_resolution": 48, "num_workers": 1},
     "loader": {"num_workers": 1, "res": 24, "val_res": 24},
-    "model": {"width": 0.125},
+    "model": {"width": 0.125, "stem_stride": 4},  # the paper's stem: fast, and every code path the same
     "train": {"epochs": 2, "batch_size": 16, "base_batch": 16, "step_milestones": [1], "cpu_amp": "bf16",
               "eval_every": 1},
     "tricks": {"large_batch": {"train.batch_size": 32, "train.linear_scaling": True},

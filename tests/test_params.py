@@ -207,10 +207,10 @@ def test_synthetic_sizes_must_be_ordered():
 @pytest.mark.parametrize("run, sets, pattern", [
     ("baseline", ["train.warmup_epochs=12"],
      r"run 'baseline': key 'train.warmup_epochs' \(12\) must be below 'train.epochs' \(12\)"),
-    ("baseline", ["train.epochs=3"], r"run 'baseline': key 'train.step_milestones' \[6, 10\] has \[6, 10\] outside"),
-    # the warmup trick's 2 epochs reach a milestone at epoch 2 in the runs that apply it
-    ("t4-warmup", ["train.step_milestones=[2, 10]"],
-     r"run 't4-warmup': .* has \[2\] outside \(warmup_epochs, epochs\) = \(2, 12\)"),
+    ("baseline", ["train.epochs=3"], r"run 'baseline': key 'train.step_milestones' \[8, 11\] has \[8, 11\] outside"),
+    # a 2-epoch warmup reaches a milestone at epoch 2
+    ("baseline", ["train.warmup_epochs=2", "train.step_milestones=[2, 10]"],
+     r"run 'baseline': .* has \[2\] outside \(warmup_epochs, epochs\) = \(2, 12\)"),
 ])
 def test_schedule_rules_name_the_run_and_keys(run, sets, pattern):
     params = P.load(ROOT / "params.yaml", sets)
