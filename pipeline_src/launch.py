@@ -29,6 +29,8 @@ from pipeline_src.errors import InputError, run_main
 
 LOCK_DIR = Path(os.environ.get("XDG_RUNTIME_DIR", "/tmp")) / "pipeline-gpu-slots"
 POLL_S = 2.0
+# What a machine with a GPU that torch.cuda can use has: NVIDIA's driver, or ROCm's kernel driver.
+GPU_DRIVER_PATHS = ("/proc/driver/nvidia/gpus", "/dev/kfd")
 
 
 class LaunchError(InputError, RuntimeError):
@@ -40,6 +42,8 @@ def machine_gpus(env: dict) -> list[str]:
     for key in ("PIPELINE_GPUS", "CUDA_VISIBLE_DEVICES"):
         if key in env:
             return [d.strip() for d in env[key].split(",") if d.strip()]
+    if not any(Path(path).exists() for path in GPU_DRIVER_PATHS):
+        return []  # no GPU driver: a CPU machine, told without importing torch (3 s per job)
     import torch
 
     return [str(i) for i in range(torch.cuda.device_count())]

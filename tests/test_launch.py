@@ -60,6 +60,22 @@ def test_local_commands_follow_the_gpu_count():
         _plan("--nodes", "2", PIPELINE_GPUS="0")
 
 
+def test_a_machine_without_a_gpu_driver_has_no_gpus_and_the_launcher_skips_torch(tmp_path):
+    """Without PIPELINE_GPUS / CUDA_VISIBLE_DEVICES the launcher counts GPUs; where no driver is there it
+    answers none without importing torch (3 s a job); where one is, torch counts them."""
+    script = ("import sys; from pipeline_src import launch; launch.GPU_DRIVER_PATHS = tuple(sys.argv[1:]); "
+              "print(launch.machine_gpus({}), 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k not in ("PIPELINE_GPUS", "CUDA_VISIBLE_DEVICES")}
+
+    def run(*driver_paths: Path) -> str:
+        return subprocess.run([sys.executable, "-c", script, *map(str, driver_paths)], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+
+    assert run(tmp_path / "no-driver") == "[] False"
+    counted = [str(i) for i in range(torch.cuda.device_count())]
+    assert run(tmp_path) == f"{counted} True"  # a driver path that exists: torch counts
+
+
 def test_a_job_that_cannot_start_is_one_line_and_exit_2(monkeypatch, capsys):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     assert launch.main(["--nodes", "2", *TRAIN]) == 2
