@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 
 from pipeline_src import checkpoint, params as P
+from pipeline_src.engine import evaluate, pick_device
 from pipeline_src.errors import InputError, run_main
 from pipeline_src.io import write_json
 from pipeline_src.loader import make_val_loader
 from pipeline_src.models import build_model
 from pipeline_src.prepare import IMAGE_SUFFIXES
-from pipeline_src.train import evaluate, pick_device
 
 
 class EvaluateError(InputError, ValueError):
@@ -87,7 +87,7 @@ def score(checkpoint_path: Path, data: Path, params: dict) -> dict:
     cfg = settings(params, meta)
     model = build_model({**meta["model"], "zero_gamma": False}, meta["num_classes"])
     model.load_state_dict(state)
-    device = pick_device(cfg["loader"]["device"], 0)
+    device = pick_device(cfg)
     model = model.to(device)
     if cfg["train"]["channels_last"]:
         model = model.to(memory_format=torch.channels_last)

@@ -22,32 +22,21 @@ from pathlib import Path
 import torch
 
 from pipeline_src import params as P, tracking
-from pipeline_src.errors import InputError, run_main
+from pipeline_src.engine import betons_dir, build_optimizer, read_classes
+from pipeline_src.errors import run_main
 from pipeline_src.io import atomic_path, write_json
 from pipeline_src.loader import make_train_loader
 from pipeline_src.models import build_model
 from pipeline_src.tricks.label_smoothing import smooth_targets, soft_target_cross_entropy
-from pipeline_src.tricks.no_bias_decay import param_groups
 
 
 def _setup(cfg: dict, seed: int) -> tuple[torch.nn.Module, object, int]:
     torch.manual_seed(seed)
-    betons = Path(cfg["paths"]["data"]) / "betons"
-    classes_file = betons / "classes.json"
-    if not classes_file.is_file():
-        raise InputError(f"{classes_file} not found: run the prepare stage first (python -m pipeline_src.prepare)")
-    classes = json.loads(classes_file.read_text())
-    num_classes = len(classes["wnids"] if isinstance(classes, dict) else classes)
+    num_classes = len(read_classes(cfg))
     model = build_model(cfg["model"], num_classes)
-    loader = make_train_loader(betons / "train.beton", cfg, cfg["train"]["batch_size"], seed,
+    loader = make_train_loader(betons_dir(cfg) / "train.beton", cfg, cfg["train"]["batch_size"], seed,
                                torch.device("cpu"))
     return model, loader, num_classes
-
-
-def _optimizer(model: torch.nn.Module, cfg: dict, lr: float) -> torch.optim.Optimizer:
-    train = cfg["train"]
-    return torch.optim.SGD(param_groups(model, train["weight_decay"], train["no_bias_decay"]), lr=lr,
-                           momentum=train["momentum"], nesterov=train["nesterov"])
 
 
 def overfit(cfg: dict, seed: int) -> tuple[bool, list[float]]:
@@ -55,7 +44,7 @@ def overfit(cfg: dict, seed: int) -> tuple[bool, list[float]]:
     model, loader, num_classes = _setup(cfg, seed)
     images, labels = next(iter(loader))
     targets = smooth_targets(labels, num_classes, 0.0)
-    optimizer = _optimizer(model, cfg, cfg["train"]["base_lr"])
+    optimizer = build_optimizer(model, cfg["train"], cfg["train"]["base_lr"])
     model.train()
     losses = []
     for _ in range(cfg["sanity"]["overfit_steps"]):
@@ -74,7 +63,7 @@ def lr_range(cfg: dict, seed: int) -> dict:
     model, loader, num_classes = _setup(cfg, seed)
     low, high = cfg["sanity"]["lr_range"]
     steps = cfg["sanity"]["lr_range_steps"]
-    optimizer = _optimizer(model, cfg, low)
+    optimizer = build_optimizer(model, cfg["train"], low)
     eps = cfg["train"]["label_smoothing"]
     model.train()
     lrs, losses, smooth, best = [], [], None, math.inf

@@ -22,7 +22,8 @@ from pipeline_src.io import write_json
 from pipeline_src.loader import make_val_loader
 from pipeline_src.models import build_model, torchvision_resnet
 from pipeline_src.run_folders import output_dir
-from pipeline_src.train import betons_dir, evaluate, read_classes, train
+from pipeline_src.engine import betons_dir, evaluate, read_classes
+from pipeline_src.train import train
 
 
 class TeacherError(InputError):

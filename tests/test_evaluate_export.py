@@ -12,7 +12,8 @@ from pipeline_src import params as P
 from pipeline_src.evaluate import ValFolder, main as evaluate_main
 from pipeline_src.export import load_model, main as export_main
 from pipeline_src.loader import make_val_loader
-from pipeline_src.train import betons_dir, main as train_main
+from pipeline_src.engine import betons_dir
+from pipeline_src.train import main as train_main
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,8 @@ from PIL import Image
 from pipeline_src import params as P
 from pipeline_src.loader import LoaderError, draws, gpu, make_train_loader, make_val_loader, measure_throughput
 from pipeline_src.loader import decoders, kernels
-from pipeline_src.loader.pipelines import Augment, _drain, resolve_device, train_ops
+from pipeline_src.engine import EngineInputError, pick_device
+from pipeline_src.loader.pipelines import Augment, _drain, train_ops
 from pipeline_src.loader.state import EpochState
 from pipeline_src.loader.transforms import Normalize
 
@@ -683,9 +684,9 @@ def test_bad_inputs_give_clear_errors(tmp_path, plain_beton, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(LoaderError, match="no CUDA device"):
         make_train_loader(plain_beton, params, 8, 0, torch.device("cuda"))
-    with pytest.raises(LoaderError, match="loader.device"):
-        resolve_device(load_params("loader.device=cuda"))
-    assert resolve_device(load_params("loader.device=auto")) == torch.device("cpu")
+    with pytest.raises(EngineInputError, match="loader.device"):
+        pick_device(load_params("loader.device=cuda"))
+    assert pick_device(load_params("loader.device=auto")) == torch.device("cpu")
 
 
 def test_ffcv_import_skips_the_typed_dict_compile():

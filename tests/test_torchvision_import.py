@@ -13,7 +13,7 @@ from pipeline_src.models.resnet import ResNet
 from pipeline_src.models.torchvision_resnet import TorchvisionFormatError, convert, is_torchvision_resnet
 from pipeline_src.run_folders import output_dir
 from pipeline_src.teacher import main as teacher_main
-from pipeline_src.train import betons_dir, evaluate
+from pipeline_src.engine import betons_dir, evaluate
 
 
 def _randomised(model: torch.nn.Module) -> torch.nn.Module:

@@ -9,7 +9,6 @@ from pipeline_src.ffcv_import import import_ffcv
 import_ffcv()
 
 from .pipelines import (FastLoader, LoaderError, make_train_loader, make_val_loader,  # noqa: E402
-                        measure_throughput, resolve_device)
+                        measure_throughput)
 
-__all__ = ["FastLoader", "LoaderError", "make_train_loader", "make_val_loader", "measure_throughput",
-           "resolve_device"]
+__all__ = ["FastLoader", "LoaderError", "make_train_loader", "make_val_loader", "measure_throughput"]

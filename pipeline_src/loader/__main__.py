@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 
 from pipeline_src import params as P
+from pipeline_src.engine import EngineInputError, pick_device
 
-from .pipelines import LoaderError, make_train_loader, make_val_loader, measure_throughput, resolve_device
+from .pipelines import LoaderError, make_train_loader, make_val_loader, measure_throughput
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -25,14 +26,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     try:
         params = P.from_args(args)
-        device = resolve_device(params)
+        device = pick_device(params)
         batch = params["train"]["batch_size"]
         if args.split == "train":
             loader = make_train_loader(args.beton, params, batch, args.seed, device)
         else:
             loader = make_val_loader(args.beton, params, batch, device)
         stats = measure_throughput(loader, args.batches, args.epochs)
-    except (P.ParamsError, LoaderError) as exc:
+    except (P.ParamsError, LoaderError, EngineInputError) as exc:
         raise SystemExit(f"error: {exc}") from exc
     result = {"beton": str(args.beton), "split": args.split, "device": str(device), "batch_size": batch, **stats}
     print(json.dumps(result))

@@ -77,15 +77,6 @@ class Augment:
                    a["lighting_std"], tuple(a["mean"]), tuple(a["std"]))
 
 
-def resolve_device(params: dict) -> torch.device:
-    """loader.device: auto -> cuda when available, else cpu; 'cuda' without a GPU is an error."""
-    choice = params["loader"]["device"]
-    has_cuda = torch.cuda.is_available()
-    if choice == "cuda" and not has_cuda:
-        raise LoaderError("key 'loader.device' is 'cuda' but no CUDA device is visible; set it to auto or cpu")
-    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and has_cuda) else "cpu")
-
-
 def _device_dtype(params: dict, device: torch.device) -> torch.dtype:
     """float16 batches on CUDA under train.precision=amp, else float32 (CPU autocast casts itself)."""
     return torch.float16 if device.type == "cuda" and params["train"]["precision"] == "amp" else torch.float32

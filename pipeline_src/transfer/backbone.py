@@ -72,14 +72,6 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(params: dict) -> torch.device:
-    """`loader.device`: auto (CUDA when visible), cpu or cuda."""
-    choice = params["loader"]["device"]
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise TransferError("loader.device is 'cuda' but no CUDA device is visible; set loader.device=cpu or auto")
-    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
-
-
 def checkpoint_path(params: dict, run: str, seed: int) -> Path:
     return run_dir(params, run, seed) / checkpoint.FINAL_NAME
 

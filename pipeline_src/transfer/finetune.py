@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pipeline_src import checkpoint, tracking
+from pipeline_src.engine import pick_device
 from pipeline_src.io import write_json
 from pipeline_src.transfer import backbone as bb
 
@@ -45,7 +46,7 @@ def run(params: dict, task: str, backbone: str, seed: int, build: Builder) -> di
     epochs = params["transfer"][task]["epochs"]
     ckpt = bb.check_backbone_run(params, backbone, seed)
     bb.seed_all(seed)
-    job = build(params, backbone, seed, ckpt, bb.pick_device(params))
+    job = build(params, backbone, seed, ckpt, pick_device(params))
     run_name = f"transfer-{task}/{backbone}"
     tags = {"task": task, "backbone": backbone, **job.tags, "backbone_checkpoint": str(ckpt)}
     with tracking.start_run(params, run_name, seed, tags) as tracker:
