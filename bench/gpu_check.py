@@ -46,7 +46,8 @@ sys.path.insert(0, str(REPO))
 from pipeline_src import checkpoint, distributed, params as P  # noqa: E402
 from pipeline_src.io import write_json  # noqa: E402
 from pipeline_src.models import build_model  # noqa: E402
-from pipeline_src.train import build_optimizer, train_one_epoch  # noqa: E402
+from pipeline_src.engine import build_optimizer  # noqa: E402
+from pipeline_src.train import build_batch_transform, build_criterion, train_one_epoch  # noqa: E402
 from pipeline_src.tricks.distillation import distillation_loss  # noqa: E402
 from pipeline_src.tricks.label_smoothing import smooth_targets, soft_target_cross_entropy  # noqa: E402
 from pipeline_src.tricks.lr_schedule import build_scheduler  # noqa: E402
@@ -54,7 +55,6 @@ from pipeline_src.tricks.mixed_precision import autocast_context, make_grad_scal
 from pipeline_src.tricks.mixup import mixup  # noqa: E402
 
 CPU = torch.device("cpu")
-NO_CHECKPOINT = Path(os.devnull)  # train_one_epoch names it only in a divergence error
 
 
 class Skipped(Exception):
@@ -146,8 +146,9 @@ def setup_run(cfg: dict, device: torch.device, steps: int, seed: int = 0, lr: fl
 
 def run_epoch(net, optimizer, scheduler, scaler, cfg: dict, device: torch.device, loader,
               precision: str = "amp") -> dict:
-    stats, _ = train_one_epoch(net, None, loader, optimizer, scheduler, scaler, cfg, device, precision,
-                               cfg["_classes"], torch.Generator().manual_seed(0), 0, NO_CHECKPOINT)
+    batch_transform = build_batch_transform(cfg["train"], cfg["_classes"], torch.Generator().manual_seed(0))
+    stats, _ = train_one_epoch(net, loader, build_criterion(None, cfg["distill"]), batch_transform, optimizer,
+                               scheduler, scaler, cfg, device, precision, 0)
     if not torch.isfinite(torch.tensor(stats["train_loss"])):
         raise RuntimeError(f"train loss is {stats['train_loss']}")
     return stats

@@ -19,13 +19,16 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from pipeline_src import checkpoint, distributed, params as P
+from pipeline_src.engine import betons_dir, build_optimizer, evaluate, pick_device, read_classes
 from pipeline_src.errors import DIVERGED, InputError, run_main
 from pipeline_src.io import read_json, sha256, write_json
 from pipeline_src.locks import dir_lock
@@ -37,7 +40,6 @@ from pipeline_src.tricks.linear_scaling import scaled_lr
 from pipeline_src.tricks.lr_schedule import build_scheduler
 from pipeline_src.tricks.mixed_precision import autocast_context, effective_precision, hardware, make_grad_scaler
 from pipeline_src.tricks.mixup import mixup
-from pipeline_src.tricks.no_bias_decay import param_groups
 
 
 class NonFiniteLoss(InputError, RuntimeError):
@@ -48,27 +50,6 @@ class NonFiniteLoss(InputError, RuntimeError):
 
 class TrainInputError(InputError):
     """Something train needs is missing or does not fit (betons, teacher, device); says what to run."""
-
-
-def betons_dir(params: dict) -> Path:
-    return Path(params["paths"]["data"]) / "betons"
-
-
-def pick_device(choice: str, local_rank: int) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise TrainInputError("loader.device is 'cuda' but no CUDA device is visible; set loader.device=cpu or auto")
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def read_classes(params: dict) -> list[str]:
-    path = betons_dir(params) / "classes.json"
-    if not path.is_file():
-        raise TrainInputError(f"{path} not found: run the prepare stage first (python -m pipeline_src.prepare)")
-    data = read_json(path)
-    return data["wnids"] if isinstance(data, dict) else data
 
 
 def load_teacher(params: dict, wnids: list[str], device: torch.device) -> nn.Module:
@@ -86,11 +67,6 @@ def load_teacher(params: dict, wnids: list[str], device: torch.device) -> nn.Mod
     teacher = build_model({**meta["model"], "zero_gamma": False}, len(wnids))
     teacher.load_state_dict(state)
     return teacher.to(device).eval().requires_grad_(False)
-
-
-def build_optimizer(model: nn.Module, cfg: dict, lr: float) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg["weight_decay"], cfg["no_bias_decay"])
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg["momentum"], nesterov=cfg["nesterov"])
 
 
 def progress_enabled(choice: str) -> bool:
@@ -128,13 +104,45 @@ class StepMonitor:
         return self.loss_sum.item(), int(first_bad.item())
 
 
-def train_one_epoch(model, teacher, loader, optimizer, scheduler, scaler, cfg: dict, device, precision: str,
-                    num_classes: int, mix_gen: torch.Generator, epoch: int, ckpt: Path) -> tuple[dict, list]:
+Transform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def build_batch_transform(train_cfg: dict, num_classes: int, generator: torch.Generator) -> Transform:
+    """(images, labels) -> (images, soft targets): label smoothing, then mixup (timm's `mixup_fn`)."""
+    eps, alpha = train_cfg["label_smoothing"], train_cfg["mixup_alpha"]
+
+    def transform(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = smooth_targets(labels, num_classes, eps)
+        if alpha > 0:
+            images, targets, _ = mixup(images, targets, alpha, generator)
+        return images, targets
+
+    return transform
+
+
+def build_criterion(teacher: nn.Module | None, distill_cfg: dict) -> Criterion:
+    """loss(logits, targets, images): soft-target cross entropy, or with a teacher the distillation loss
+    against its logits on the same (mixed) images (timm's `train_loss_fn`)."""
+    if teacher is None:
+        return lambda logits, targets, images: soft_target_cross_entropy(logits, targets)
+
+    def distill(logits: torch.Tensor, targets: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = teacher(images)
+        return distillation_loss(logits, teacher_logits, targets, distill_cfg["temperature"], distill_cfg["weight"])
+
+    return distill
+
+
+def train_one_epoch(model: nn.Module, loader, criterion: Criterion, batch_transform: Transform,
+                    optimizer: torch.optim.Optimizer, scheduler, scaler, cfg: dict, device: torch.device,
+                    precision: str, epoch: int) -> tuple[dict, list]:
     """One pass over the train beton; also samples the LR ~20 times for the schedule plot."""
-    train, distill = cfg["train"], cfg["distill"]
     monitor = StepMonitor(device, cfg["monitor"]["finite_check_every"])
     show = progress_enabled(cfg["monitor"]["progress"]) and not (dist.is_initialized() and dist.get_rank())
     world = dist.get_world_size() if dist.is_initialized() else 1
+    channels_last = cfg["train"]["channels_last"]
     model.train()
     seen, loss_sum, start = 0, 0.0, time.perf_counter()
     iters = len(loader)
@@ -142,19 +150,11 @@ def train_one_epoch(model, teacher, loader, optimizer, scheduler, scaler, cfg: d
     for step, (images, labels) in enumerate(loader):
         if step % max(1, iters // 20) == 0:
             lr_points.append([epoch + step / iters, optimizer.param_groups[0]["lr"]])
-        if train["channels_last"]:
+        if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        targets = smooth_targets(labels, num_classes, train["label_smoothing"])
-        if train["mixup_alpha"] > 0:
-            images, targets, _ = mixup(images, targets, train["mixup_alpha"], mix_gen)
+        images, targets = batch_transform(images, labels)
         with autocast_context(device, precision):
-            logits = model(images)
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = teacher(images)
-                loss = distillation_loss(logits, teacher_logits, targets, distill["temperature"], distill["weight"])
-            else:
-                loss = soft_target_cross_entropy(logits, targets)
+            loss = criterion(model(images), targets, images)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -168,8 +168,7 @@ def train_one_epoch(model, teacher, loader, optimizer, scheduler, scaler, cfg: d
         if bad_step >= 0:
             raise NonFiniteLoss(
                 f"loss is not finite ({loss_sum / seen}) at epoch {epoch} step {bad_step} (checked every "
-                f"{monitor.every} steps, monitor.finite_check_every); the last good checkpoint is "
-                f"{ckpt if ckpt.is_file() else '(none yet)'}; lower train.base_lr or add warmup"
+                f"{monitor.every} steps, monitor.finite_check_every)"
             )
         if show:
             elapsed = time.perf_counter() - start
@@ -179,38 +178,6 @@ def train_one_epoch(model, teacher, loader, optimizer, scheduler, scaler, cfg: d
                   file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - start
     return {"train_loss": loss_sum / max(seen, 1), "images_per_s": seen / elapsed}, lr_points
-
-
-@torch.no_grad()
-def evaluate(model, loader, cfg: dict, device, precision: str, num_classes: int, keep_gaps: bool = False) -> dict:
-    """Top-1 / top-5 / loss on the val beton; optionally the logit gaps of the paper's Figure 4."""
-    model.eval()
-    correct1 = correct5 = seen = 0
-    loss_sum = 0.0
-    gaps: list[float] = []
-    for images, labels in loader:
-        if cfg["train"]["channels_last"]:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast_context(device, precision):
-            logits = model(images)
-        logits = logits.float()
-        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        top = logits.topk(min(5, num_classes), dim=1).indices
-        correct1 += (top[:, 0] == labels).sum().item()
-        correct5 += (top == labels[:, None]).any(dim=1).sum().item()
-        seen += labels.numel()
-        if keep_gaps:
-            best = logits.max(dim=1).values
-            rest = (logits.sum(dim=1) - best) / (num_classes - 1)
-            gaps += (best - rest).tolist()
-    totals = torch.tensor([correct1, correct5, seen, loss_sum], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-    correct1, correct5, seen, loss_sum = totals.tolist()
-    out = {"top1": 100 * correct1 / seen, "top5": 100 * correct5 / seen, "val_loss": loss_sum / seen}
-    if keep_gaps:
-        out["logit_gaps"] = gaps
-    return out
 
 
 def check_batch_size(cfg: dict, betons: Path) -> None:
@@ -242,27 +209,41 @@ def train(cfg: dict, run: str, seed: int, out: str | Path | None = None) -> dict
         return _train(cfg, run, seed, out)
 
 
-def _train(cfg: dict, run: str, seed: int, out: Path) -> dict | None:
-    # Imported here, not at the top: the loop below runs without ffcv and mlflow (bench/gpu_check.py).
-    from pipeline_src import tracking
+@dataclass
+class Setup:
+    """One run's training objects, built once before the epoch loop."""
+
+    model: nn.Module  # what is evaluated and checkpointed
+    net: nn.Module  # what trains: the model, DDP-wrapped and/or compiled
+    teacher: nn.Module | None
+    train_loader: Any
+    val_loader: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    criterion: Criterion
+    batch_transform: Transform
+    mix_gen: torch.Generator  # mixup's draws (checkpointed with the other RNGs)
+    device: torch.device
+    precision: str
+    wnids: list[str]
+    ddp: Any
+
+
+def build_setup(cfg: dict, seed: int) -> Setup:
+    """Device, process group, model, teacher, loaders, optimizer, schedule and loss, as the recipe says."""
     from pipeline_src.loader import make_train_loader, make_val_loader
 
-    recipe = P.recipe_hash(cfg)
-    finished = checkpoint.finished_metrics(out, recipe)
-    if finished is not None:
-        print(f"{out}: already finished with these params, skipping (delete it to re-train)")
-        return finished
     train_cfg = cfg["train"]
     check_batch_size(cfg, betons_dir(cfg))
     ddp = distributed.setup(cfg["loader"]["device"] != "cpu" and torch.cuda.is_available())
-    device = pick_device(cfg["loader"]["device"], ddp.local_rank)
+    device = pick_device(cfg, ddp.local_rank)
     if train_cfg["batch_size"] % ddp.world:
         raise TrainInputError(f"train.batch_size {train_cfg['batch_size']} is not divisible by {ddp.world} processes")
     torch.manual_seed(seed)
     wnids = read_classes(cfg)
-    num_classes = len(wnids)
 
-    model = build_model(cfg["model"], num_classes)
+    model = build_model(cfg["model"], len(wnids))
     if train_cfg["sync_bn"] and ddp.world > 1:
         model = distributed.sync_batchnorm(model, device)
     model = model.to(device)
@@ -274,100 +255,136 @@ def _train(cfg: dict, run: str, seed: int, out: Path) -> dict | None:
     betons = betons_dir(cfg)
     train_loader = make_train_loader(betons / "train.beton", cfg, local_batch, seed, device, ddp.world > 1)
     val_loader = make_val_loader(betons / "val.beton", cfg, local_batch, device, ddp.world > 1)
-    iters = len(train_loader)
     lr = scaled_lr(train_cfg["base_lr"], train_cfg["batch_size"], train_cfg["base_batch"], train_cfg["linear_scaling"])
     optimizer = build_optimizer(model, train_cfg, lr)
     scheduler = build_scheduler(
-        optimizer, iters_per_epoch=iters, epochs=train_cfg["epochs"],
+        optimizer, iters_per_epoch=len(train_loader), epochs=train_cfg["epochs"],
         warmup_epochs=train_cfg["warmup_epochs"], schedule=train_cfg["schedule"],
         milestones=train_cfg["step_milestones"], gamma=train_cfg["step_gamma"],
     )
     precision = effective_precision(device, train_cfg["precision"], train_cfg["cpu_amp"])
     if precision != train_cfg["precision"] and ddp.main:
-        print(f"train.precision is amp but this CPU has no native bf16 and train.cpu_amp is native_only: "
+        print("train.precision is amp but this CPU has no native bf16 and train.cpu_amp is native_only: "
               "training in fp32 (set train.cpu_amp=bf16 to force bf16)")
-    scaler = make_grad_scaler(device, precision)
     mix_gen = torch.Generator().manual_seed(seed)
-
-    ckpt = out / "last.pt"
-    history: list[dict] = []
-    lr_curve: list[list[float]] = []
-    start_epoch = 0
-    state = checkpoint.load_checkpoint(ckpt) if ckpt.is_file() else None
-    if state is not None and state["recipe"] != recipe:
-        if ddp.main:
-            print(f"{ckpt}: written with other params; starting this run afresh")
-        state = None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        checkpoint.restore_rng_state(state["rng"], {"mixup": mix_gen})
-        history, lr_curve = json.loads(state["history"]), json.loads(state["lr_curve"])
-        start_epoch = state["epoch"] + 1
-        if ddp.main:
-            print(f"{ckpt}: resuming at epoch {start_epoch}")
-
     net = model if ddp.world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
-    compiled = torch.compile(net) if train_cfg["compile"] else net
-    tags = {"run": run, "seed": str(seed), "profile": cfg["profile"]["name"], "precision_effective": precision,
-            "run_dir": str(out), **beton_tags(betons)}
-    tracker = tracking.start_run(cfg, run, seed, tags, enabled=ddp.main, resume=state is not None)
+    return Setup(
+        model=model, net=torch.compile(net) if train_cfg["compile"] else net, teacher=teacher,
+        train_loader=train_loader, val_loader=val_loader, optimizer=optimizer, scheduler=scheduler,
+        scaler=make_grad_scaler(device, precision), criterion=build_criterion(teacher, cfg["distill"]),
+        batch_transform=build_batch_transform(train_cfg, len(wnids), mix_gen), mix_gen=mix_gen,
+        device=device, precision=precision, wnids=wnids, ddp=ddp,
+    )
+
+
+def resume(setup: Setup, ckpt: Path, recipe: str) -> tuple[int, list[dict], list[list[float]]]:
+    """Restore the state of `ckpt` if it holds this recipe; (first epoch to train, history, LR curve)."""
+    state = checkpoint.load_checkpoint(ckpt) if ckpt.is_file() else None
+    if state is not None and state["recipe"] != recipe:
+        if setup.ddp.main:
+            print(f"{ckpt}: written with other params; starting this run afresh")
+        state = None
+    if state is None:
+        return 0, [], []
+    setup.model.load_state_dict(state["model"])
+    setup.optimizer.load_state_dict(state["optimizer"])
+    setup.scheduler.load_state_dict(state["scheduler"])
+    setup.scaler.load_state_dict(state["scaler"])
+    checkpoint.restore_rng_state(state["rng"], {"mixup": setup.mix_gen})
+    if setup.ddp.main:
+        print(f"{ckpt}: resuming at epoch {state['epoch'] + 1}")
+    return state["epoch"] + 1, json.loads(state["history"]), json.loads(state["lr_curve"])
+
+
+def fit(setup: Setup, cfg: dict, run: str, seed: int, ckpt: Path, recipe: str, start_epoch: int,
+        history: list[dict], lr_curve: list[list[float]], tracker) -> dict:
+    """The epochs from `start_epoch`: train, evaluate, checkpoint, log; returns the last evaluation
+    (with the logit gaps of Figure 4). `history` and `lr_curve` grow in place."""
+    s, train_cfg = setup, cfg["train"]
+    final = None
+    for epoch in range(start_epoch, train_cfg["epochs"]):
+        s.train_loader.set_epoch(epoch)
+        lr_now = s.optimizer.param_groups[0]["lr"]
+        epoch_start = time.perf_counter()
+        try:
+            stats, lr_points = train_one_epoch(s.net, s.train_loader, s.criterion, s.batch_transform, s.optimizer,
+                                               s.scheduler, s.scaler, cfg, s.device, s.precision, epoch)
+        except NonFiniteLoss as exc:
+            raise NonFiniteLoss(f"{exc}; the last good checkpoint is {ckpt if ckpt.is_file() else '(none yet)'}; "
+                                "lower train.base_lr or add warmup") from None
+        if epoch == train_cfg["epochs"] - 1:
+            final = evaluate(s.model, s.val_loader, cfg, s.device, s.precision, len(s.wnids), keep_gaps=True)
+            stats.update({k: v for k, v in final.items() if k != "logit_gaps"})
+        elif (epoch + 1) % train_cfg["eval_every"] == 0:
+            stats.update(evaluate(s.model, s.val_loader, cfg, s.device, s.precision, len(s.wnids)))
+        stats.update(epoch=epoch, lr=lr_now, images_per_s=stats["images_per_s"] * s.ddp.world,
+                     epoch_time_s=time.perf_counter() - epoch_start)
+        history.append(stats)
+        lr_curve += lr_points
+        if s.ddp.main:
+            print(json.dumps({"run": run, "seed": seed, **stats}), flush=True)
+            checkpoint.save_checkpoint(ckpt, {
+                "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
+                "scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict(),
+                "rng": checkpoint.capture_rng_state({"mixup": s.mix_gen}),
+                "epoch": epoch, "history": json.dumps(history), "lr_curve": json.dumps(lr_curve),
+                "recipe": recipe,
+            })
+        # After the checkpoint: a tracking outage costs no training (it retries, then warns).
+        tracker.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch)
+    if final is None:  # resumed after the last epoch's checkpoint
+        final = evaluate(s.model, s.val_loader, cfg, s.device, s.precision, len(s.wnids), keep_gaps=True)
+    return final
+
+
+def write_outputs(setup: Setup, cfg: dict, run: str, seed: int, out: Path, recipe: str, history: list[dict],
+                  lr_curve: list[list[float]], final: dict, tracker) -> dict:
+    """model.pt, history.json and metrics.json (the report's inputs), also logged to MLflow; returns the metrics."""
+    train_cfg = cfg["train"]
+    metrics = {
+        "top1": final["top1"], "top5": final["top5"], "val_loss": final["val_loss"],
+        "train_loss": history[-1]["train_loss"],
+        "images_per_s": statistics.median(h["images_per_s"] for h in history),  # robust to warm-up
+        "wall_time_s": sum(h["epoch_time_s"] for h in history), "recipe": recipe,
+        "precision": setup.precision, "machine": hardware(setup.device),
+    }
+    meta = {"run": run, "seed": seed, "model": cfg["model"], "num_classes": len(setup.wnids), "wnids": setup.wnids}
+    checkpoint.save_final_model(out / "model.pt", setup.model.state_dict(), meta)
+    metrics["model_sha256"] = sha256(out / "model.pt")
+    write_json(out / "history.json", {"run": run, "seed": seed, "tricks": cfg["run"]["tricks"],
+                                      "epochs": history, "lr_curve": lr_curve,
+                                      "logit_gaps": final["logit_gaps"],
+                                      "label_smoothing": train_cfg["label_smoothing"]})
+    write_json(out / "metrics.json", metrics)
+    numbers = {k: v for k, v in metrics.items() if k not in ("recipe", "precision", "machine", "model_sha256")}
+    tracker.log_metrics({f"final_{k}": v for k, v in numbers.items()}, step=train_cfg["epochs"])
+    tracker.log_artifact(out / "history.json")
+    tracker.log_model(out / "model.pt", meta)
+    return metrics
+
+
+def _train(cfg: dict, run: str, seed: int, out: Path) -> dict | None:
+    # Imported here, not at the top: the loop runs without mlflow (bench/gpu_check.py).
+    from pipeline_src import tracking
+
+    recipe = P.recipe_hash(cfg)
+    finished = checkpoint.finished_metrics(out, recipe)
+    if finished is not None:
+        print(f"{out}: already finished with these params, skipping (delete it to re-train)")
+        return finished
+    setup = build_setup(cfg, seed)
+    ckpt = out / "last.pt"
+    start_epoch, history, lr_curve = resume(setup, ckpt, recipe)
+    tags = {"run": run, "seed": str(seed), "profile": cfg["profile"]["name"], "precision_effective": setup.precision,
+            "run_dir": str(out), **beton_tags(betons_dir(cfg))}
+    tracker = tracking.start_run(cfg, run, seed, tags, enabled=setup.ddp.main, resume=start_epoch > 0)
     with tracker:
         tracker.log_history(history)  # epochs an outage or a kill kept out of the store
-        final = None  # the last epoch's evaluation, with the logit gaps of Figure 4
-        for epoch in range(start_epoch, train_cfg["epochs"]):
-            train_loader.set_epoch(epoch)
-            lr_now = optimizer.param_groups[0]["lr"]
-            epoch_start = time.perf_counter()
-            stats, lr_points = train_one_epoch(compiled, teacher, train_loader, optimizer, scheduler, scaler, cfg,
-                                               device, precision, num_classes, mix_gen, epoch, ckpt)
-            last = epoch == train_cfg["epochs"] - 1
-            if last:
-                final = evaluate(model, val_loader, cfg, device, precision, num_classes, keep_gaps=True)
-                stats.update({k: v for k, v in final.items() if k != "logit_gaps"})
-            elif (epoch + 1) % train_cfg["eval_every"] == 0:
-                stats.update(evaluate(model, val_loader, cfg, device, precision, num_classes))
-            stats.update(epoch=epoch, lr=lr_now, images_per_s=stats["images_per_s"] * ddp.world,
-                         epoch_time_s=time.perf_counter() - epoch_start)
-            history.append(stats)
-            lr_curve += lr_points
-            if ddp.main:
-                print(json.dumps({"run": run, "seed": seed, **stats}), flush=True)
-                checkpoint.save_checkpoint(ckpt, {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "rng": checkpoint.capture_rng_state({"mixup": mix_gen}),
-                    "epoch": epoch, "history": json.dumps(history), "lr_curve": json.dumps(lr_curve),
-                    "recipe": recipe,
-                })
-            # After the checkpoint: a tracking outage costs no training (it retries, then warns).
-            tracker.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch)
-        if final is None:  # resumed after the last epoch's checkpoint
-            final = evaluate(model, val_loader, cfg, device, precision, num_classes, keep_gaps=True)
-        if not ddp.main:
+        final = fit(setup, cfg, run, seed, ckpt, recipe, start_epoch, history, lr_curve, tracker)
+        if not setup.ddp.main:
             return None
-        metrics = {
-            "top1": final["top1"], "top5": final["top5"], "val_loss": final["val_loss"],
-            "train_loss": history[-1]["train_loss"],
-            "images_per_s": statistics.median(h["images_per_s"] for h in history),  # robust to warm-up
-            "wall_time_s": sum(h["epoch_time_s"] for h in history), "recipe": recipe,
-            "precision": precision, "machine": hardware(device),
-        }
-        meta = {"run": run, "seed": seed, "model": cfg["model"], "num_classes": num_classes, "wnids": wnids}
-        checkpoint.save_final_model(out / "model.pt", model.state_dict(), meta)
-        metrics["model_sha256"] = sha256(out / "model.pt")
-        write_json(out / "history.json", {"run": run, "seed": seed, "tricks": cfg["run"]["tricks"],
-                                          "epochs": history, "lr_curve": lr_curve,
-                                          "logit_gaps": final["logit_gaps"],
-                                          "label_smoothing": train_cfg["label_smoothing"]})
-        write_json(out / "metrics.json", metrics)
-        numbers = {k: v for k, v in metrics.items() if k not in ("recipe", "precision", "machine", "model_sha256")}
-        tracker.log_metrics({f"final_{k}": v for k, v in numbers.items()}, step=train_cfg["epochs"])
-        tracker.log_artifact(out / "history.json")
-        tracker.log_model(out / "model.pt", meta)
+        metrics = write_outputs(setup, cfg, run, seed, out, recipe, history, lr_curve, final, tracker)
     ckpt.unlink(missing_ok=True)  # model.pt holds the weights now; the resume state is spent
     return metrics
 

@@ -14,8 +14,9 @@ from pipeline_src.loader import make_val_loader
 from pipeline_src.models import build_model
 from pipeline_src.run_folders import output_dir
 from pipeline_src.teacher import main as teacher_main
-from pipeline_src.train import (betons_dir, build_optimizer, evaluate, load_teacher, main as train_main,
-                                run_dir, train_one_epoch)
+from pipeline_src.engine import betons_dir, build_optimizer, evaluate
+from pipeline_src.train import (build_batch_transform, build_criterion, load_teacher, main as train_main, run_dir,
+                                train_one_epoch)
 from pipeline_src.tricks.lr_schedule import build_scheduler
 from pipeline_src.tricks.mixed_precision import effective_precision, make_grad_scaler
 
@@ -67,8 +68,9 @@ def _student_step(cfg: dict, teacher: torch.nn.Module | None, student: torch.nn.
                                 milestones=train["step_milestones"], gamma=train["step_gamma"])
     precision = effective_precision(CPU, train["precision"], train["cpu_amp"])
     scaler = make_grad_scaler(CPU, precision)
-    return train_one_epoch(student, teacher, loader, optimizer, scheduler, scaler, cfg, CPU, precision,
-                           len(_wnids(cfg)), torch.Generator().manual_seed(0), 0, tmp / "last.pt")
+    batch_transform = build_batch_transform(train, len(_wnids(cfg)), torch.Generator().manual_seed(0))
+    return train_one_epoch(student, loader, build_criterion(teacher, cfg["distill"]), batch_transform, optimizer,
+                           scheduler, scaler, cfg, CPU, precision, 0)
 
 
 # ---- the teacher stays frozen and sees what the student sees ----------------------------------
