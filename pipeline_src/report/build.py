@@ -128,7 +128,8 @@ def header(params: dict, num_classes: int | None, machine: list[str]) -> list[Bl
         else f"Classes: unknown, `{data_dir / 'betons' / 'classes.json'}` not found (the prepare stage has not run here)",
         seeds_line(params["study"]["seeds"]),
         f"Shared settings (runs change some through their tricks): {model['arch']}-{model['depth']} "
-        f"variant {model['variant']}, width {model['width']}, {train['epochs']} epochs, batch "
+        f"variant {model['variant']}, width {model['width']}, stem stride {model['stem_stride']}, "
+        f"{train['epochs']} epochs, batch "
         f"{train['batch_size']}, base LR {train['base_lr']}, train crop {params['loader']['res']} px",
         *machine,
     ]
