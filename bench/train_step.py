@@ -8,7 +8,7 @@ Both start from the same initial weights and train on the same synthetic batch (
 measures the step). Timed blocks alternate ours/plain, the order flipping every repeat (AB BA AB
 ...), so drift and other processes on the machine hit both; each variant's figure is its median.
 
-    python bench/train_step.py [--depth 26] [--width 1.0] [--batch 64] [--res 64 96] [--steps 3]
+    python bench/train_step.py [--depth 26] [--width 1.0] [--stem-stride 4] [--batch 64] [--res 64 96] [--steps 3]
                                [--warmup 2] [--repeats 5] [--threads 2] [--compile]
 
 Prints one JSON object; `speedup` = ours / plain images/s, the smallest over the resolutions.
@@ -38,11 +38,11 @@ sys.path.insert(0, str(REPO))
 
 from pipeline_src import params as P  # noqa: E402
 from pipeline_src.models import build_model  # noqa: E402
-from pipeline_src.train import build_optimizer, train_one_epoch  # noqa: E402
+from pipeline_src.engine import build_optimizer  # noqa: E402
+from pipeline_src.train import build_batch_transform, build_criterion, train_one_epoch  # noqa: E402
 from pipeline_src.tricks.mixed_precision import effective_precision, make_grad_scaler  # noqa: E402
 
 CPU = torch.device("cpu")
-NO_CHECKPOINT = Path(os.devnull)  # train_one_epoch names it only in a divergence error
 
 # Runs `steps` train steps and returns the number of images they processed; one call per timed block.
 Block = Callable[[int], int]
@@ -128,11 +128,12 @@ def pipeline_block(model: nn.Module, teacher: nn.Module | None, cfg: dict, preci
     optimizer = build_optimizer(model, cfg["train"], lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     scaler = make_grad_scaler(CPU, precision)
-    mix_gen = torch.Generator().manual_seed(0)
+    criterion = build_criterion(teacher, cfg["distill"])
+    batch_transform = build_batch_transform(cfg["train"], classes, torch.Generator().manual_seed(0))
 
     def run(steps: int) -> int:
-        train_one_epoch(model, teacher, [batch] * steps, optimizer, scheduler, scaler, cfg, device=CPU,
-                        precision=precision, num_classes=classes, mix_gen=mix_gen, epoch=0, ckpt=NO_CHECKPOINT)
+        train_one_epoch(model, [batch] * steps, criterion, batch_transform, optimizer, scheduler, scaler, cfg,
+                        device=CPU, precision=precision, epoch=0)
         return steps * batch[0].shape[0]
 
     return run
@@ -203,6 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--depth", type=int, default=26)
     parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--stem-stride", type=int, choices=(1, 2, 4), default=4,
+                        help="model.stem_stride (4: the paper's stem; the CPU profile's 32 px crops use 1)")
     parser.add_argument("--batch", type=positive, default=64)
     parser.add_argument("--res", type=positive, nargs="+", default=[64, 96])
     parser.add_argument("--classes", type=positive, default=1000, help="classifier outputs (ImageNet: 1000)")
@@ -226,7 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     try:
         cfg = P.load(args.params, [
-            f"model.depth={args.depth}", f"model.width={args.width}", f"train.batch_size={args.batch}",
+            f"model.depth={args.depth}", f"model.width={args.width}", f"model.stem_stride={args.stem_stride}",
+            f"train.batch_size={args.batch}",
             f"train.precision={args.precision}", f"train.channels_last={str(args.channels_last).lower()}",
             f"train.compile={str(args.compile).lower()}", "train.no_bias_decay=true", "train.mixup_alpha=0.0",
         ])
