@@ -215,7 +215,6 @@ class Setup:
 
     model: nn.Module  # what is evaluated and checkpointed
     net: nn.Module  # what trains: the model, DDP-wrapped and/or compiled
-    teacher: nn.Module | None
     train_loader: Any
     val_loader: Any
     optimizer: torch.optim.Optimizer
@@ -270,7 +269,7 @@ def build_setup(cfg: dict, seed: int) -> Setup:
     net = model if ddp.world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     return Setup(
-        model=model, net=torch.compile(net) if train_cfg["compile"] else net, teacher=teacher,
+        model=model, net=torch.compile(net) if train_cfg["compile"] else net,
         train_loader=train_loader, val_loader=val_loader, optimizer=optimizer, scheduler=scheduler,
         scaler=make_grad_scaler(device, precision), criterion=build_criterion(teacher, cfg["distill"]),
         batch_transform=build_batch_transform(train_cfg, len(wnids), mix_gen), mix_gen=mix_gen,
