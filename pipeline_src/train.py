@@ -5,8 +5,9 @@
 
 (The `--` keeps torchrun's own parser from reading `--run` as an abbreviation of its `--run-path`.)
 
-The loop below is the paper's recipe with every trick a switch: linear scaling, warmup, zero gamma,
-no bias decay, mixed precision, step / cosine decay, label smoothing, mixup and distillation.
+The paper's recipe with every trick a switch: `build_setup` turns linear scaling, warmup, zero gamma,
+no bias decay, mixed precision, step / cosine decay, label smoothing, mixup and distillation into the
+objects the loop (`train_one_epoch`) uses, so the loop itself has no trick branches.
 Outputs: data/runs/<run>/seed<k>/{last.pt, model.pt, history.json, metrics.json}; a run whose --set
 overrides change its recipe writes to data/runs/adhoc/<run>-<hash>/seed<k>/ or --out DIR instead.
 """
@@ -49,7 +50,7 @@ class NonFiniteLoss(InputError, RuntimeError):
 
 
 class TrainInputError(InputError):
-    """Something train needs is missing or does not fit (betons, teacher, device); says what to run."""
+    """Something train needs is missing or does not fit (teacher, batch size); says what to run."""
 
 
 def load_teacher(params: dict, wnids: list[str], device: torch.device) -> nn.Module:
