@@ -7,11 +7,11 @@
 #   `snakemake ablations` adds the single-trick and leave-one-out runs (and re-renders the report).
 from pathlib import Path
 
-from pipeline_src import graph as G
-from pipeline_src import params as P
+from pipeline_src import graph
+from pipeline_src import params as params_mod
 
 PARAMS_FILE = config.get("params_file", "params.yaml")
-config.update(P.load(PARAMS_FILE))
+config.update(params_mod.load(PARAMS_FILE))
 DATA, RUNS, REPORTS = config["paths"]["data"], config["paths"]["runs"], config["paths"]["reports"]
 PY = "python -m pipeline_src"
 ARGS = f"--params {PARAMS_FILE}"
@@ -20,11 +20,11 @@ TRANSFER_SEEDS = config["study"]["transfer_seeds"]
 TEACHER, TEACHER_SEED = config["teacher"]["run"], config["teacher"]["seed"]
 TABLE_RUNS = config["study"]["tables"]
 DISTILLED = config["study"]["distilled"]
-ABLATION_RUNS = [r for r in P.all_run_names(config) if r.startswith(("single-", "loo-"))]
+ABLATION_RUNS = [r for r in params_mod.all_run_names(config) if r.startswith(("single-", "loo-"))]
 BACKBONES = config["transfer"]["backbones"]
 # Each job's code is a tracked input: the hash of the files its stage imports (pipeline_src.graph,
 # which also lists them as DVC deps), so editing pipeline_src/train.py re-runs the training jobs.
-CODE = {stage: G.code_hash(workflow.basedir, stage) for stage in G.STAGE_MODULES}
+CODE = {stage: graph.code_hash(workflow.basedir, stage) for stage in graph.STAGE_MODULES}
 # Every job's stdout and stderr go to its log (`log:`), which Snakemake names when the job fails.
 LOGGED = " > {log} 2>&1"
 
@@ -59,7 +59,7 @@ onsuccess:
     # Record what this run produced in dvc.lock (and the DVC cache), so `dvc status` agrees afterwards.
     # The plan files are DVC's copy of the settings each job ran with (Snakemake's `params:`).
     # Only the dvc.yaml generated for this profile (`python -m pipeline_src.graph`) records its outputs.
-    dvc_file = G.dvc_file(PARAMS_FILE)
+    dvc_file = graph.dvc_file(PARAMS_FILE)
     stages = ["plan", "prepare", "train", "teacher", "distill", "transfer_detection", "transfer_segmentation",
               "report"]
     if Path(rules.synthetic.output.manifest).exists():

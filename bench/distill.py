@@ -29,7 +29,7 @@ import torch
 from train_step import (CPU, REPO, environment, interleave, nonnegative, paired_ratio, pipeline_block,
                         positive, synthetic_batch)
 
-from pipeline_src import params as P
+from pipeline_src import params as params_mod
 from pipeline_src.models import build_model
 from pipeline_src.tricks.mixed_precision import effective_precision
 
@@ -70,36 +70,36 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     try:
-        params = P.load(args.params)
+        params = params_mod.load(args.params)
         teacher_run = args.teacher_run or params["teacher"]["run"]
-        cfg = P.resolve_run(params, args.student_run)
-        teacher_cfg = P.resolve_run(params, teacher_run)
-    except P.ParamsError as exc:
+        student_params = params_mod.resolve_run(params, args.student_run)
+        teacher_params = params_mod.resolve_run(params, teacher_run)
+    except params_mod.ParamsError as exc:
         parser.error(str(exc))
-    cfg["model"] = override(cfg["model"], args.student_depth, args.student_width)
-    teacher_model_cfg = override(teacher_cfg["model"], args.teacher_depth, args.teacher_width)
-    train = cfg["train"]
-    batch_size = args.batch or train["batch_size"]
-    res = args.res or cfg["loader"]["res"]
+    student_params["model"] = override(student_params["model"], args.student_depth, args.student_width)
+    teacher_model_cfg = override(teacher_params["model"], args.teacher_depth, args.teacher_width)
+    train_cfg = student_params["train"]
+    batch_size = args.batch or train_cfg["batch_size"]
+    res = args.res or student_params["loader"]["res"]
     classes = args.classes or params["synthetic"]["classes"]
-    precision = args.precision or effective_precision(CPU, train["precision"], train["cpu_amp"])
+    precision = args.precision or effective_precision(CPU, train_cfg["precision"], train_cfg["cpu_amp"])
 
     torch.manual_seed(args.seed)
     try:
-        student = build_model(cfg["model"], classes)
+        student = build_model(student_params["model"], classes)
         # as train.load_teacher: zero_gamma off (weights are loaded there), eval, frozen, default layout
         teacher = build_model({**teacher_model_cfg, "zero_gamma": False}, classes).eval().requires_grad_(False)
     except ValueError as exc:
         parser.error(f"--student-depth/--student-width/--teacher-depth/--teacher-width: {exc}")
-    if train["channels_last"]:
+    if train_cfg["channels_last"]:
         student = student.to(memory_format=torch.channels_last)
     if args.teacher_channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
-    net = torch.compile(student) if train["compile"] else student
+    net = torch.compile(student) if train_cfg["compile"] else student
     batch = synthetic_batch(batch_size, res, classes, args.seed)
     timed = interleave({
-        "without_teacher": pipeline_block(net, None, cfg, precision, args.lr, batch, classes),
-        "with_teacher": pipeline_block(net, teacher, cfg, precision, args.lr, batch, classes),
+        "without_teacher": pipeline_block(net, None, student_params, precision, args.lr, batch, classes),
+        "with_teacher": pipeline_block(net, teacher, student_params, precision, args.lr, batch, classes),
     }, args.steps, args.warmup, args.repeats)
     without, with_ = timed["without_teacher"]["images_per_s"], timed["with_teacher"]["images_per_s"]
 
@@ -113,12 +113,13 @@ def main(argv: list[str] | None = None) -> dict:
         "speedup_paired": paired_ratio(timed["without_teacher"], timed["with_teacher"]),
         **timed,
         "settings": {
-            "student": describe(cfg["model"], args.student_run),
+            "student": describe(student_params["model"], args.student_run),
             "teacher": describe(teacher_model_cfg, teacher_run),
             "batch": batch_size, "res": res, "classes": classes, "precision": precision,
-            "channels_last": train["channels_last"], "teacher_channels_last": args.teacher_channels_last,
-            "compile": train["compile"],
-            "temperature": cfg["distill"]["temperature"], "distill_weight": cfg["distill"]["weight"],
+            "channels_last": train_cfg["channels_last"], "teacher_channels_last": args.teacher_channels_last,
+            "compile": train_cfg["compile"],
+            "temperature": student_params["distill"]["temperature"],
+            "distill_weight": student_params["distill"]["weight"],
             "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "lr": args.lr,
             "params": str(args.params),
         },

@@ -43,7 +43,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline_src import checkpoint, distributed, params as P  # noqa: E402
+from pipeline_src import checkpoint, distributed, params as params_mod  # noqa: E402
 from pipeline_src.io import write_json  # noqa: E402
 from pipeline_src.models import build_model  # noqa: E402
 from pipeline_src.engine import build_optimizer  # noqa: E402
@@ -98,7 +98,7 @@ def base_params(device: torch.device, sizes: dict, overrides: list[str]) -> dict
     sets = [f"model.depth={sizes['depth']}", f"model.width={sizes['width']}", f"loader.res={sizes['res']}",
             f"train.batch_size={sizes['batch']}", "train.precision=amp", "train.cpu_amp=bf16",
             "train.channels_last=true", f"monitor.finite_check_every={max(1, sizes['steps'])}", *overrides]
-    return P.resolve_run(P.load(source, sets), "efficient")
+    return params_mod.resolve_run(params_mod.load(source, sets), "efficient")
 
 
 def synchronize(device: torch.device) -> None:
@@ -130,25 +130,25 @@ def amp_input_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def setup_run(cfg: dict, device: torch.device, steps: int, seed: int = 0, lr: float | None = None,
+def setup_run(params: dict, device: torch.device, steps: int, seed: int = 0, lr: float | None = None,
               sync_bn: bool = False):
     """Model, optimizer, scheduler and scaler as train.train builds them (BatchNorm synced before the optimizer)."""
     torch.manual_seed(seed)
-    model = build_model(cfg["model"], cfg["_classes"])
+    model = build_model(params["model"], params["_classes"])
     if sync_bn:
         model = distributed.sync_batchnorm(model, device)
     model = model.to(device).to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg["train"], cfg["train"]["base_lr"] if lr is None else lr)
+    optimizer = build_optimizer(model, params["train"], params["train"]["base_lr"] if lr is None else lr)
     scheduler = build_scheduler(optimizer, iters_per_epoch=steps, epochs=1, warmup_epochs=0, schedule="cosine",
                                 milestones=[], gamma=0.1)
     return model, optimizer, scheduler, make_grad_scaler(device, "amp")
 
 
-def run_epoch(net, optimizer, scheduler, scaler, cfg: dict, device: torch.device, loader,
+def run_epoch(net, optimizer, scheduler, scaler, params: dict, device: torch.device, loader,
               precision: str = "amp") -> dict:
-    batch_transform = build_batch_transform(cfg["train"], cfg["_classes"], torch.Generator().manual_seed(0))
-    stats, _ = train_one_epoch(net, loader, build_criterion(None, cfg["distill"]), batch_transform, optimizer,
-                               scheduler, scaler, cfg, device, precision, 0)
+    batch_transform = build_batch_transform(params["train"], params["_classes"], torch.Generator().manual_seed(0))
+    stats, _ = train_one_epoch(net, loader, build_criterion(None, params["distill"]), batch_transform, optimizer,
+                               scheduler, scaler, params, device, precision, 0)
     if not torch.isfinite(torch.tensor(stats["train_loss"])):
         raise RuntimeError(f"train loss is {stats['train_loss']}")
     return stats
@@ -183,7 +183,7 @@ def _write_betons(ctx: dict) -> Path:
 
     sizes, data = ctx["sizes"], Path(ctx["tmp"]) / "data"
     lo, hi = sizes["loader_size"]
-    params = P.load(REPO / "params.yaml", [
+    params = params_mod.load(REPO / "params.yaml", [
         f"paths.data={data}", f"synthetic.classes={sizes['loader_classes']}",
         f"synthetic.train_per_class={sizes['loader_per_class']}", "synthetic.val_per_class=4",
         f"synthetic.min_size={lo}", f"synthetic.max_size={hi}", f"prepare.max_resolution={hi}",
@@ -205,8 +205,8 @@ def check_loader(ctx: dict) -> dict:
     params = base_params(device, sizes, [f"loader.num_workers={min(8, os.cpu_count() or 1)}",
                                          f"loader.val_res={sizes['res']}"])
     batch = min(sizes["batch"], 64)
-    on_device = make_train_loader(betons / "train.beton", params, batch, 0, device, colour_on_device=True)
-    in_workers = make_train_loader(betons / "train.beton", params, batch, 0, CPU, colour_on_device=False)
+    on_device = make_train_loader(betons / "train.beton", params, batch, 0, device, color_on_device=True)
+    in_workers = make_train_loader(betons / "train.beton", params, batch, 0, CPU, color_on_device=False)
     tolerance = 2e-2 if device.type == "cuda" else 1e-3
     worst, compared = 0.0, 0
     for (x1, y1), (x2, y2) in zip(on_device, in_workers):
@@ -229,17 +229,17 @@ def check_loader(ctx: dict) -> dict:
 
 def _check_train(ctx: dict, compiled: bool) -> dict:
     device, sizes = ctx["device"], ctx["sizes"]
-    cfg = {**base_params(device, sizes, []), "_classes": sizes["classes"]}
-    model, optimizer, scheduler, scaler = setup_run(cfg, device, sizes["warmup"] + sizes["steps"])
+    params = {**base_params(device, sizes, []), "_classes": sizes["classes"]}
+    model, optimizer, scheduler, scaler = setup_run(params, device, sizes["warmup"] + sizes["steps"])
     net = torch.compile(model, backend=sizes["compile_backend"]) if compiled else model
     make = lambda steps: Batches(device, steps, sizes["batch"], sizes["res"], sizes["classes"],  # noqa: E731
                                  amp_input_dtype(device))
     start = time.perf_counter()
-    run_epoch(net, optimizer, scheduler, scaler, cfg, device, make(sizes["warmup"]))  # compiles when compiled
+    run_epoch(net, optimizer, scheduler, scaler, params, device, make(sizes["warmup"]))  # compiles when compiled
     warmup_s = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    stats = run_epoch(net, optimizer, scheduler, scaler, cfg, device, make(sizes["steps"]))
+    stats = run_epoch(net, optimizer, scheduler, scaler, params, device, make(sizes["steps"]))
     out = {"images_per_s": stats["images_per_s"], "train_loss": stats["train_loss"], "warmup_s": warmup_s,
            "steps": sizes["steps"], "batch": sizes["batch"], "res": sizes["res"], "depth": sizes["depth"],
            "width": sizes["width"], "precision": "fp16+GradScaler" if scaler.is_enabled() else "bf16",
@@ -306,7 +306,7 @@ def one_process_group(device: torch.device):
 def check_ddp(ctx: dict) -> dict:
     device, sizes = ctx["device"], ctx["sizes"]
     small = {**sizes, "depth": 26, "width": 0.25, "res": 64 if device.type == "cuda" else 32, "batch": 16}
-    cfg = {**base_params(device, small, ["train.sync_bn=true"]), "_classes": 10}
+    params = {**base_params(device, small, ["train.sync_bn=true"]), "_classes": 10}
     # fp32 on CPU: GlobalBatchNorm2d (the CPU twin of SyncBatchNorm) rounds otherwise than BatchNorm2d in bf16
     precision = "amp" if device.type == "cuda" else "fp32"
     batches = lambda: Batches(device, 2, small["batch"], small["res"], 10, amp_input_dtype(device))  # noqa: E731
@@ -314,15 +314,15 @@ def check_ddp(ctx: dict) -> dict:
                          if v.is_floating_point() and "running" not in k}
     results = []
     for wrap in (False, True):
-        model, optimizer, scheduler, scaler = setup_run(cfg, device, 2, lr=1e-3, sync_bn=wrap)
+        model, optimizer, scheduler, scaler = setup_run(params, device, 2, lr=1e-3, sync_bn=wrap)
         init = weights(model)
         if wrap:
             with one_process_group(device) as backend:
                 net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
                                                           else None)
-                run_epoch(net, optimizer, scheduler, scaler, cfg, device, batches(), precision)
+                run_epoch(net, optimizer, scheduler, scaler, params, device, batches(), precision)
         else:
-            run_epoch(model, optimizer, scheduler, scaler, cfg, device, batches(), precision)
+            run_epoch(model, optimizer, scheduler, scaler, params, device, batches(), precision)
         results.append(weights(model))
     plain, ddp = results
     moved = max((plain[k] - init[k]).abs().max().item() for k in plain)
@@ -339,31 +339,31 @@ def check_ddp(ctx: dict) -> dict:
 def check_checkpoint(ctx: dict) -> dict:
     device = ctx["device"]
     small = {**ctx["sizes"], "depth": 26, "width": 0.25, "res": 64 if device.type == "cuda" else 32, "batch": 8}
-    cfg = {**base_params(device, small, []), "_classes": 10}
+    params = {**base_params(device, small, []), "_classes": 10}
     batches = lambda: Batches(device, 2, small["batch"], small["res"], 10, amp_input_dtype(device))  # noqa: E731
     path = Path(ctx["tmp"]) / "last.pt"
     deterministic = torch.backends.cudnn.deterministic
     torch.backends.cudnn.deterministic = True
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        model, optimizer, scheduler, scaler = setup_run(cfg, device, 4)
-        run_epoch(model, optimizer, scheduler, scaler, cfg, device, batches())
+        model, optimizer, scheduler, scaler = setup_run(params, device, 4)
+        run_epoch(model, optimizer, scheduler, scaler, params, device, batches())
         checkpoint.save_checkpoint(path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "rng": checkpoint.capture_rng_state({}), "epoch": 0})
         saved_scale = scaler.get_scale() if scaler.is_enabled() else None
-        run_epoch(model, optimizer, scheduler, scaler, cfg, device, batches())
+        run_epoch(model, optimizer, scheduler, scaler, params, device, batches())
         straight = model.state_dict()
 
         state = checkpoint.load_checkpoint(path)  # on CPU: RNG states must stay CPU tensors
-        resumed, optimizer, scheduler, scaler = setup_run(cfg, device, 4, seed=1)
+        resumed, optimizer, scheduler, scaler = setup_run(params, device, 4, seed=1)
         resumed.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         checkpoint.restore_rng_state(state["rng"], {})
         loaded_scale = scaler.get_scale() if scaler.is_enabled() else None
-        run_epoch(resumed, optimizer, scheduler, scaler, cfg, device, batches())
+        run_epoch(resumed, optimizer, scheduler, scaler, params, device, batches())
     finally:
         torch.backends.cudnn.deterministic = deterministic
         torch.use_deterministic_algorithms(False)

@@ -38,7 +38,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline_src import params as P  # noqa: E402
+from pipeline_src import params as params_mod  # noqa: E402
 from pipeline_src.io import atomic_path, write_json  # noqa: E402
 from pipeline_src.loader import draws, make_train_loader  # noqa: E402
 from pipeline_src.synthetic import generate_imagenet  # noqa: E402
@@ -100,7 +100,7 @@ def torchvision_loader(train_dir: Path, params: dict, batch: int, workers: int):
                                        persistent_workers=True)
 
 
-class BatchColour:
+class BatchColor:
     """Stock FFCV's tail as a user writes it: per-image jitter and PCA lighting as torch batch ops.
 
     ffcv's NormalizeImage runs in the workers (after ToDevice on a CPU it never returns), so the
@@ -135,7 +135,7 @@ class BatchColour:
 
 
 class StockFFCV:
-    """ffcv's own decoder and transforms (see BatchColour) over our beton."""
+    """ffcv's own decoder and transforms (see BatchColor) over our beton."""
 
     def __init__(self, beton: Path, params: dict, batch: int, workers: int):
         from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
@@ -149,11 +149,11 @@ class StockFFCV:
         self.loader = Loader(str(beton), batch_size=batch, num_workers=workers, order=OrderOption.RANDOM,
                              os_cache=True, drop_last=True, seed=0,
                              pipelines={"image": image, "label": [IntDecoder(), ToTensor(), Squeeze()]})
-        self.colour = BatchColour(params)
+        self.color = BatchColor(params)
 
     def __iter__(self):
         for images, labels in self.loader:
-            yield self.colour(images), labels
+            yield self.color(images), labels
 
 
 def cpu_seconds(loader) -> float:
@@ -303,10 +303,10 @@ STARTUP_SCRIPT = """
 import json, sys, time
 start = time.perf_counter()
 import torch
-from pipeline_src import params as P
+from pipeline_src import params as params_mod
 from pipeline_src.loader import make_train_loader
 imported = time.perf_counter()
-p = P.load(sys.argv[2], sys.argv[3:])
+p = params_mod.load(sys.argv[2], sys.argv[3:])
 loader = make_train_loader(sys.argv[1], p, 64, 0, torch.device("cpu"))
 next(iter(loader))
 print(json.dumps({"import_s": round(imported - start, 2), "first_batch_s": round(time.perf_counter() - imported, 2)}))
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     sets = [f"loader.res={args.res}", f"loader.num_workers={args.workers}", "loader.order=random",
             "loader.drop_last=true", "loader.os_cache=true"]
-    params = P.load(args.params, sets)
+    params = params_mod.load(args.params, sets)
     train_dir, beton = prepare_data(args.workdir, args.images, args.min_size, args.max_size)
 
     load_before = round(os.getloadavg()[0], 2)

@@ -36,7 +36,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline_src import params as P  # noqa: E402
+from pipeline_src import params as params_mod  # noqa: E402
 from pipeline_src.models import build_model  # noqa: E402
 from pipeline_src.engine import build_optimizer  # noqa: E402
 from pipeline_src.train import build_batch_transform, build_criterion, train_one_epoch  # noqa: E402
@@ -119,20 +119,20 @@ def profile_step(block: "Block", steps: int, top: int = 8) -> list[dict]:
     return [{"op": e.key, "share": round(e.self_cpu_time_total / total, 3), "calls": e.count} for e in events[:top]]
 
 
-def pipeline_block(model: nn.Module, teacher: nn.Module | None, cfg: dict, precision: str, lr: float,
+def pipeline_block(model: nn.Module, teacher: nn.Module | None, params: dict, precision: str, lr: float,
                    batch: tuple[torch.Tensor, torch.Tensor], classes: int) -> Block:
     """`steps` iterations of the pipeline's own train_one_epoch on one repeated batch.
 
     The LR is constant: its value does not change the cost of a step.
     """
-    optimizer = build_optimizer(model, cfg["train"], lr)
+    optimizer = build_optimizer(model, params["train"], lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     scaler = make_grad_scaler(CPU, precision)
-    criterion = build_criterion(teacher, cfg["distill"])
-    batch_transform = build_batch_transform(cfg["train"], classes, torch.Generator().manual_seed(0))
+    criterion = build_criterion(teacher, params["distill"])
+    batch_transform = build_batch_transform(params["train"], classes, torch.Generator().manual_seed(0))
 
     def run(steps: int) -> int:
-        train_one_epoch(model, [batch] * steps, criterion, batch_transform, optimizer, scheduler, scaler, cfg,
+        train_one_epoch(model, [batch] * steps, criterion, batch_transform, optimizer, scheduler, scaler, params,
                         device=CPU, precision=precision, epoch=0)
         return steps * batch[0].shape[0]
 
@@ -228,13 +228,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     try:
-        cfg = P.load(args.params, [
+        params = params_mod.load(args.params, [
             f"model.depth={args.depth}", f"model.width={args.width}", f"model.stem_stride={args.stem_stride}",
             f"train.batch_size={args.batch}",
             f"train.precision={args.precision}", f"train.channels_last={str(args.channels_last).lower()}",
             f"train.compile={str(args.compile).lower()}", "train.no_bias_decay=true", "train.mixup_alpha=0.0",
         ])
-    except P.ParamsError as exc:
+    except params_mod.ParamsError as exc:
         parser.error(str(exc))
     env = environment(args.threads)
     if args.precision == "amp" and not env["cpu_bf16"]["native_bf16"]:
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     for res in args.res:
         torch.manual_seed(args.seed)
-        plain_model = build_model(cfg["model"], args.classes)
+        plain_model = build_model(params["model"], args.classes)
         ours_model = copy.deepcopy(plain_model)  # same initial weights
         if args.channels_last:
             ours_model = ours_model.to(memory_format=torch.channels_last)
@@ -256,8 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
         batch = synthetic_batch(args.batch, res, args.classes, args.seed)
         flops_per_image = step_flops(plain_model, batch) / args.batch
         blocks = {
-            "ours": pipeline_block(net, None, cfg, args.precision, args.lr, batch, args.classes),
-            "plain": plain_block(plain_model, cfg["train"], args.lr, batch),
+            "ours": pipeline_block(net, None, params, args.precision, args.lr, batch, args.classes),
+            "plain": plain_block(plain_model, params["train"], args.lr, batch),
         }
         timed = interleave(blocks, args.steps, args.warmup, args.repeats)
         for name in timed:
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"res {res}: ours {timed['ours']['images_per_s']} vs plain {timed['plain']['images_per_s']} "
               "images/s", file=sys.stderr, flush=True)
 
-    m = cfg["model"]
+    m = params["model"]
     result = {
         "benchmark": "train_step",
         "speedup": min(r["speedup"] for r in results),
@@ -284,11 +284,12 @@ def main(argv: list[str] | None = None) -> dict:
             "init": m["init"], "classes": args.classes, "batch": args.batch, "res": args.res,
             "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "lr": args.lr,
             "ours": {"precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
-                     "optimizer": f"SGD nesterov={cfg['train']['nesterov']}, no_bias_decay param_groups", "loss": "soft-target CE"},
+                     "optimizer": f"SGD nesterov={params['train']['nesterov']}, no_bias_decay param_groups",
+                     "loss": "soft-target CE"},
             "plain": {"precision": "fp32", "channels_last": False, "compile": False,
                       "optimizer": "SGD", "loss": "cross_entropy"},
             "params": str(args.params),
-            "pipeline_precision_for_amp": effective_precision(CPU, "amp", cfg["train"]["cpu_amp"]),
+            "pipeline_precision_for_amp": effective_precision(CPU, "amp", params["train"]["cpu_amp"]),
         },
         "environment": env,
     }

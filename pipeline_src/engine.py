@@ -52,7 +52,7 @@ def build_optimizer(model: nn.Module, train_cfg: dict, lr: float) -> torch.optim
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, cfg: dict, device: torch.device, precision: str, num_classes: int,
+def evaluate(model: nn.Module, loader, params: dict, device: torch.device, precision: str, num_classes: int,
              keep_gaps: bool = False) -> dict:
     """Top-1 / top-5 / loss on the val beton; optionally the logit gaps of the paper's Figure 4."""
     model.eval()
@@ -60,7 +60,7 @@ def evaluate(model: nn.Module, loader, cfg: dict, device: torch.device, precisio
     loss_sum = 0.0
     gaps: list[float] = []
     for images, labels in loader:
-        if cfg["train"]["channels_last"]:
+        if params["train"]["channels_last"]:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast_context(device, precision):
             logits = model(images)

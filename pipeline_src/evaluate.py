@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline_src import checkpoint, params as P
+from pipeline_src import checkpoint, params as params_mod
 from pipeline_src.engine import evaluate, pick_device
 from pipeline_src.errors import InputError, run_main
 from pipeline_src.io import write_json
@@ -45,7 +45,7 @@ def center_crop(image: Image.Image, res: int, ratio: float) -> Image.Image:
 class ValFolder(torch.utils.data.Dataset):
     """`<wnid>/<image>` class folders, labelled by the checkpoint's class list."""
 
-    def __init__(self, root: Path, wnids: list[str], cfg: dict) -> None:
+    def __init__(self, root: Path, wnids: list[str], params: dict) -> None:
         folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not folders:
             raise EvaluateError(f"{root}: no class folders; expected <wnid>/*.JPEG (sort a flat ILSVRC val/ "
@@ -59,7 +59,7 @@ class ValFolder(torch.utils.data.Dataset):
                       if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
         if not self.items:
             raise EvaluateError(f"{root}: the class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
-        loader, augment = cfg["loader"], cfg["augment"]
+        loader, augment = params["loader"], params["augment"]
         self.res, self.ratio = loader["val_res"], loader["val_crop_ratio"]
         self.mean = torch.tensor(augment["mean"]).view(3, 1, 1)
         self.std = torch.tensor(augment["std"]).view(3, 1, 1)
@@ -78,31 +78,31 @@ class ValFolder(torch.utils.data.Dataset):
 def settings(params: dict, meta: dict) -> dict:
     """The params the checkpoint's run trained with, if the params file defines that run."""
     run = meta.get("run")
-    return P.resolve_run(params, run) if run in P.all_run_names(params) else params
+    return params_mod.resolve_run(params, run) if run in params_mod.all_run_names(params) else params
 
 
 def score(checkpoint_path: Path, data: Path, params: dict) -> dict:
     """top1 / top5 / val_loss (and the image count) of `checkpoint_path` on `data`."""
     state, meta = checkpoint.load_model_weights(checkpoint_path)
-    cfg = settings(params, meta)
+    run_params = settings(params, meta)
     model = build_model({**meta["model"], "zero_gamma": False}, meta["num_classes"])
     model.load_state_dict(state)
-    device = pick_device(cfg)
+    device = pick_device(run_params)
     model = model.to(device)
-    if cfg["train"]["channels_last"]:
+    if run_params["train"]["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    batch = cfg["train"]["batch_size"]
+    batch = run_params["train"]["batch_size"]
     if data.is_dir():
-        loader = torch.utils.data.DataLoader(ValFolder(data, meta["wnids"], cfg), batch_size=batch,
-                                             num_workers=cfg["loader"]["num_workers"])
+        loader = torch.utils.data.DataLoader(ValFolder(data, meta["wnids"], run_params), batch_size=batch,
+                                             num_workers=run_params["loader"]["num_workers"])
         loader = ((x.to(device), y.to(device)) for x, y in loader)
     elif data.is_file() and data.suffix == ".beton":
-        loader = make_val_loader(data, cfg, batch, device)
+        loader = make_val_loader(data, run_params, batch, device)
     elif not data.exists():
         raise EvaluateError(f"{data}: no such file or folder")
     else:
         raise EvaluateError(f"{data}: not a .beton file nor a folder of <wnid>/ class folders")
-    scores = evaluate(model, loader, cfg, device, "fp32", meta["num_classes"])
+    scores = evaluate(model, loader, run_params, device, "fp32", meta["num_classes"])
     return {"checkpoint": str(checkpoint_path), "data": str(data), "run": meta.get("run"), **scores}
 
 
@@ -111,11 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, type=Path, help="a final model file (a run's model.pt)")
     parser.add_argument("--data", required=True, type=Path, help="a val .beton, or a folder of <wnid>/ folders")
     parser.add_argument("--out", type=Path, default=None, help="also write the scores to this JSON file")
-    P.add_arguments(parser)
+    params_mod.add_arguments(parser)
     args = parser.parse_args(argv)
 
     def body() -> None:
-        result = score(args.checkpoint, args.data, P.from_args(args))
+        result = score(args.checkpoint, args.data, params_mod.from_args(args))
         if args.out is not None:
             write_json(args.out, result)
         print(json.dumps(result))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline_src import checkpoint, params as P
+from pipeline_src import checkpoint, params as params_mod
 from pipeline_src.errors import InputError, run_main
 from pipeline_src.evaluate import settings
 from pipeline_src.io import atomic_path
@@ -84,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--res", type=int, default=None, help="input side (default: the run's loader.val_res)")
-    P.add_arguments(parser)
+    params_mod.add_arguments(parser)
     args = parser.parse_args(argv)
 
     def body() -> None:
-        print(json.dumps(export(args.checkpoint, args.format, args.out, P.from_args(args), args.res)))
+        print(json.dumps(export(args.checkpoint, args.format, args.out, params_mod.from_args(args), args.res)))
 
     return run_main("export", body)
 

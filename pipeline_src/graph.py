@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from pipeline_src import params as P
+from pipeline_src import params as params_mod
 from pipeline_src.errors import run_main
 
 # The modules each stage runs (`python -m <module>`): training goes through the GPU launcher, whose
@@ -122,7 +122,7 @@ def stage_settings(params: dict, stage: str, run: str | None = None) -> str:
     """The settings a stage's job depends on, as canonical JSON: Snakemake's `params:` value and
     DVC's plan file are this same text, so both tools re-run the same jobs after a change."""
     if stage in ("train", "teacher"):
-        settings: dict[str, Any] = P.recipe_of(P.resolve_run(params, run))
+        settings: dict[str, Any] = params_mod.recipe_of(params_mod.resolve_run(params, run))
         if stage == "teacher":
             settings = {"recipe": settings, "teacher": params["teacher"]}
     elif stage == "synthetic":
@@ -151,14 +151,14 @@ def plan_files(params: dict) -> dict[str, str]:
     files = {plan_file(params, s): stage_settings(params, s)
              for s in ("synthetic", "prepare", "transfer_detection", "transfer_segmentation", "report")}
     teacher = params["teacher"]["run"]
-    for run in P.all_run_names(params):
+    for run in params_mod.all_run_names(params):
         stage = "teacher" if run == teacher else "train"
         files[plan_file(params, stage, run)] = stage_settings(params, stage, run)
     return files
 
 
 def ablation_runs(params: dict) -> dict[str, list[str]]:
-    names = P.all_run_names(params)
+    names = params_mod.all_run_names(params)
     return {"single": [r for r in names if r.startswith("single-")],
             "loo": [r for r in names if r.startswith("loo-")]}
 
@@ -191,7 +191,7 @@ def dvc_yaml(params: dict, params_file: str, root: str | Path = ".", wdir: str =
     stages: dict[str, dict] = {
         "plan": {
             "cmd": f"python -m pipeline_src.plan {args}",
-            "deps": [os.path.relpath(f, root) for f in P.profile_files(root / params_file)]
+            "deps": [os.path.relpath(f, root) for f in params_mod.profile_files(root / params_file)]
                     + stage_code(root, "plan"),
             "outs": list(plan_files(params)),
         },
@@ -267,16 +267,16 @@ HEADER = """\
 
 def dvc_file(params_file: str) -> str:
     """The dvc.yaml of a profile: the repo's own for params.yaml, profiles/<name>/dvc.yaml otherwise."""
-    if Path(params_file) == Path(P.DEFAULT_PARAMS):
+    if Path(params_file) == Path(params_mod.DEFAULT_PARAMS):
         return "dvc.yaml"
     return f"profiles/{Path(params_file).stem}/dvc.yaml"
 
 
-def render(params_file: str = P.DEFAULT_PARAMS, out: str = "dvc.yaml", root: str | Path = ".") -> str:
+def render(params_file: str = params_mod.DEFAULT_PARAMS, out: str = "dvc.yaml", root: str | Path = ".") -> str:
     """The text of a generated dvc.yaml at `out` (relative to root) for one profile."""
-    params = P.load(Path(root) / params_file)
+    params = params_mod.load(Path(root) / params_file)
     wdir = os.path.relpath(".", os.path.dirname(out) or ".")
-    args = "" if params_file == P.DEFAULT_PARAMS else f" --params {params_file}"
+    args = "" if params_file == params_mod.DEFAULT_PARAMS else f" --params {params_file}"
     args += "" if out == "dvc.yaml" else f" --out {out}"
     body = yaml.safe_dump(dvc_yaml(params, params_file, root, wdir), sort_keys=False, width=120)
     return HEADER.format(args=args) + body
@@ -284,7 +284,7 @@ def render(params_file: str = P.DEFAULT_PARAMS, out: str = "dvc.yaml", root: str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=P.DEFAULT_PARAMS, help="the profile (default: params.yaml)")
+    parser.add_argument("--params", default=params_mod.DEFAULT_PARAMS, help="the profile (default: params.yaml)")
     parser.add_argument("--out", help="write this dvc.yaml (profiles/<name>/dvc.yaml for a profile "
                         "other than params.yaml, where the Snakefile looks for it) instead of stdout")
     args = parser.parse_args(argv)

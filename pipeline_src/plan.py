@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline_src import params as P
+from pipeline_src import params as params_mod
 from pipeline_src.errors import run_main
 from pipeline_src.graph import plan_files
 from pipeline_src.io import write_text
@@ -28,11 +28,11 @@ def write_plan(params: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    P.add_arguments(parser)
+    params_mod.add_arguments(parser)
     args = parser.parse_args(argv)
 
     def body() -> None:
-        params = P.from_args(args)
+        params = params_mod.from_args(args)
         written = write_plan(params)
         print(f"plan: {len(written)} of {len(plan_files(params))} files changed")
 

@@ -38,7 +38,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from pipeline_src import params as P
+from pipeline_src import params as params_mod
 from pipeline_src.errors import InputError, run_main
 from pipeline_src.ffcv_import import import_ffcv
 from pipeline_src.io import MB, DiskFullError, atomic_path, check_free_space, free_bytes, sha256, write_json
@@ -680,11 +680,11 @@ def prepare(params: dict) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="ILSVRC2012 folders -> FFCV betons + manifest")
-    P.add_arguments(parser)
+    params_mod.add_arguments(parser)
     args = parser.parse_args(argv)
 
     def body() -> None:
-        prepare(P.from_args(args))
+        prepare(params_mod.from_args(args))
 
     return run_main("prepare", body)
 

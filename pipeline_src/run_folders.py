@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline_src import params as P
+from pipeline_src import params as params_mod
 from pipeline_src.errors import InputError
 
 ADHOC = "adhoc"
@@ -31,9 +31,10 @@ def adhoc_dir(params: dict, run: str, seed: int, recipe: str) -> Path:
     return Path(params["paths"]["runs"]) / ADHOC / f"{run}-{recipe[:12]}" / f"seed{seed}"
 
 
-def is_adhoc(cfg: dict, run: str) -> bool:
-    """Whether `cfg` (resolved with --set overrides) trains another recipe than the params file gives `run`."""
-    return P.recipe_hash(cfg) != P.recipe_hash(P.resolve_run(P.load(cfg["_source"]), run))
+def is_adhoc(params: dict, run: str) -> bool:
+    """Whether `params` (resolved with --set overrides) trains another recipe than the params file gives `run`."""
+    own = params_mod.resolve_run(params_mod.load(params["_source"]), run)
+    return params_mod.recipe_hash(params) != params_mod.recipe_hash(own)
 
 
 def _value(tree: dict, dotted: str) -> Any:
@@ -42,27 +43,28 @@ def _value(tree: dict, dotted: str) -> Any:
     return tree
 
 
-def with_same_overrides(cfg: dict, run: str) -> dict:
-    """`run` resolved from `cfg`'s params file with the --set overrides that made `cfg`.
+def with_same_overrides(params: dict, run: str) -> dict:
+    """`run` resolved from `params`'s params file with the --set overrides that made `params`.
 
     A student trained with `--set train.epochs=1` distils from the teacher trained with the same
     `--set`, so the two find each other's folders. --set values always win over a run's own
-    overrides, so `cfg` still holds each of them; JSON is YAML, so they parse back unchanged.
+    overrides, so `params` still holds each of them; JSON is YAML, so they parse back unchanged.
     """
-    sets = [f"{key}={json.dumps(_value(cfg, key))}" for key in cfg["_sets"]]
-    return P.resolve_run(P.load(cfg["_source"], sets), run)
+    sets = [f"{key}={json.dumps(_value(params, key))}" for key in params["_sets"]]
+    return params_mod.resolve_run(params_mod.load(params["_source"], sets), run)
 
 
-def output_dir(cfg: dict, run: str, seed: int, out: str | Path | None = None) -> Path:
+def output_dir(params: dict, run: str, seed: int, out: str | Path | None = None) -> Path:
     """The pipeline's run folder for the params file's own recipe, else its ad-hoc folder or `out`."""
-    pipeline = run_dir(cfg, run, seed)
-    adhoc = is_adhoc(cfg, run)
+    pipeline = run_dir(params, run, seed)
+    adhoc = is_adhoc(params, run)
     if out is None:
-        return adhoc_dir(cfg, run, seed, P.recipe_hash(cfg)) if adhoc else pipeline
+        return adhoc_dir(params, run, seed, params_mod.recipe_hash(params)) if adhoc else pipeline
     out = Path(out)
     if adhoc and out.resolve() == pipeline.resolve():
         raise RunFolderError(
             f"--out {out} is the pipeline's folder of run '{run}', but the --set overrides change its "
-            f"recipe from {cfg['_source']}'s; pick another --out (or none: {adhoc_dir(cfg, run, seed, P.recipe_hash(cfg))})"
+            f"recipe from {params['_source']}'s; pick another --out "
+            f"(or none: {adhoc_dir(params, run, seed, params_mod.recipe_hash(params))})"
         )
     return out

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline_src import params as P, tracking
+from pipeline_src import params as params_mod, tracking
 from pipeline_src.engine import betons_dir, build_optimizer, read_classes
 from pipeline_src.errors import run_main
 from pipeline_src.io import atomic_path, write_json
@@ -30,41 +30,41 @@ from pipeline_src.models import build_model
 from pipeline_src.tricks.label_smoothing import smooth_targets, soft_target_cross_entropy
 
 
-def _setup(cfg: dict, seed: int) -> tuple[torch.nn.Module, object, int]:
+def _setup(params: dict, seed: int) -> tuple[torch.nn.Module, object, int]:
     torch.manual_seed(seed)
-    num_classes = len(read_classes(cfg))
-    model = build_model(cfg["model"], num_classes)
-    loader = make_train_loader(betons_dir(cfg) / "train.beton", cfg, cfg["train"]["batch_size"], seed,
+    num_classes = len(read_classes(params))
+    model = build_model(params["model"], num_classes)
+    loader = make_train_loader(betons_dir(params) / "train.beton", params, params["train"]["batch_size"], seed,
                                torch.device("cpu"))
     return model, loader, num_classes
 
 
-def overfit(cfg: dict, seed: int) -> tuple[bool, list[float]]:
+def overfit(params: dict, seed: int) -> tuple[bool, list[float]]:
     """Train on one fixed batch (no label smoothing: the target is zero loss)."""
-    model, loader, num_classes = _setup(cfg, seed)
+    model, loader, num_classes = _setup(params, seed)
     images, labels = next(iter(loader))
     targets = smooth_targets(labels, num_classes, 0.0)
-    optimizer = build_optimizer(model, cfg["train"], cfg["train"]["base_lr"])
+    optimizer = build_optimizer(model, params["train"], params["train"]["base_lr"])
     model.train()
     losses = []
-    for _ in range(cfg["sanity"]["overfit_steps"]):
+    for _ in range(params["sanity"]["overfit_steps"]):
         loss = soft_target_cross_entropy(model(images), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-        if loss.item() <= cfg["sanity"]["overfit_loss"]:
+        if loss.item() <= params["sanity"]["overfit_loss"]:
             return True, losses
     return False, losses
 
 
-def lr_range(cfg: dict, seed: int) -> dict:
+def lr_range(params: dict, seed: int) -> dict:
     """Exponential LR sweep over successive batches; stops once the smoothed loss explodes."""
-    model, loader, num_classes = _setup(cfg, seed)
-    low, high = cfg["sanity"]["lr_range"]
-    steps = cfg["sanity"]["lr_range_steps"]
-    optimizer = build_optimizer(model, cfg["train"], low)
-    eps = cfg["train"]["label_smoothing"]
+    model, loader, num_classes = _setup(params, seed)
+    low, high = params["sanity"]["lr_range"]
+    steps = params["sanity"]["lr_range_steps"]
+    optimizer = build_optimizer(model, params["train"], low)
+    eps = params["train"]["label_smoothing"]
     model.train()
     lrs, losses, smooth, best = [], [], None, math.inf
     batches = iter(())
@@ -95,7 +95,7 @@ def lr_range(cfg: dict, seed: int) -> dict:
     return {"lrs": lrs, "losses": losses, "suggested_lr": lrs[steepest], "min_loss_lr": lrs[losses.index(best)]}
 
 
-def geometry(cfg: dict, seed: int, num_classes: int = 10, batch: int = 8) -> dict:
+def geometry(params: dict, seed: int, num_classes: int = 10, batch: int = 8) -> dict:
     """Stage map sides and the fraction of input pixels reaching the logits, for the run's model at init.
 
     Needs no data: the input is noise at the run's crop size. Batch-norm runs in eval mode (its
@@ -103,8 +103,8 @@ def geometry(cfg: dict, seed: int, num_classes: int = 10, batch: int = 8) -> dic
     reach is the union over the batch of pixels with a non-zero input gradient.
     """
     torch.manual_seed(seed)
-    model = build_model(cfg["model"], num_classes).eval()
-    res = cfg["loader"]["res"]
+    model = build_model(params["model"], num_classes).eval()
+    res = params["loader"]["res"]
     images = torch.randn(batch, 3, res, res, requires_grad=True)
     sides: dict[str, int] = {}
     hooks = [getattr(model, name).register_forward_hook(
@@ -138,30 +138,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("check", choices=["overfit", "lr-range", "geometry"])
     parser.add_argument("--run", default="baseline", help="the run whose model and optimizer to check")
     parser.add_argument("--seed", type=int, default=0)
-    P.add_arguments(parser)
+    params_mod.add_arguments(parser)
     args = parser.parse_args(argv)
     return run_main("sanity", lambda: _check(args))
 
 
 def _check(args: argparse.Namespace) -> int:
-    cfg = P.resolve_run(P.from_args(args), args.run)
+    params = params_mod.resolve_run(params_mod.from_args(args), args.run)
     if args.check == "geometry":
-        print(json.dumps({"run": args.run, **geometry(cfg, args.seed)}))
+        print(json.dumps({"run": args.run, **geometry(params, args.seed)}))
         return 0
     if args.check == "overfit":
-        ok, losses = overfit(cfg, args.seed)
+        ok, losses = overfit(params, args.seed)
         verdict = "reached" if ok else "did NOT reach"
         print(json.dumps({"run": args.run, "steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
-                          "target": cfg["sanity"]["overfit_loss"], "passed": ok}))
-        print(f"overfit one batch: {verdict} loss {cfg['sanity']['overfit_loss']} in {len(losses)} steps",
+                          "target": params["sanity"]["overfit_loss"], "passed": ok}))
+        print(f"overfit one batch: {verdict} loss {params['sanity']['overfit_loss']} in {len(losses)} steps",
               file=sys.stderr)
         return 0 if ok else 1
-    result = lr_range(cfg, args.seed)
-    out = Path(cfg["paths"]["reports"]) / "sanity" / f"lr_range_{args.run}"
+    result = lr_range(params, args.seed)
+    out = Path(params["paths"]["reports"]) / "sanity" / f"lr_range_{args.run}"
     plot_lr_range(result, out.with_suffix(".png"))
     write_json(out.with_suffix(".json"), result)
-    tags = {"check": "lr-range", "profile": cfg["profile"]["name"]}
-    with tracking.start_run(cfg, f"sanity-lr-range/{args.run}", args.seed, tags, resume=False) as tracker:
+    tags = {"check": "lr-range", "profile": params["profile"]["name"]}
+    with tracking.start_run(params, f"sanity-lr-range/{args.run}", args.seed, tags, resume=False) as tracker:
         tracker.log_metrics({"suggested_lr": result["suggested_lr"], "min_loss_lr": result["min_loss_lr"]}, step=0)
         tracker.log_artifact(out.with_suffix(".png"))
         tracker.log_artifact(out.with_suffix(".json"))

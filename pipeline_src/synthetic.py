@@ -253,42 +253,42 @@ def _object_alpha(kind: str, side: int, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(canvas.resize((width, side), Image.Resampling.BOX), np.float32) / 255.0
 
 
-def _colour_below(luma: float, rng: np.random.Generator) -> np.ndarray:
+def _color_below(luma: float, rng: np.random.Generator) -> np.ndarray:
     """A uniform random colour whose luminance is at most `luma` (rejection, then scaled down)."""
     for _ in range(50):
-        colour = rng.uniform(0, 255, 3)
-        if LUMA @ colour <= luma:
-            return colour
-    return colour * (luma / float(LUMA @ colour))
+        color = rng.uniform(0, 255, 3)
+        if LUMA @ color <= luma:
+            return color
+    return color * (luma / float(LUMA @ color))
 
 
 def _palette(rng: np.random.Generator, background: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """An object colour pair at least LUMA_GAP brighter than the background, otherwise uniform."""
     floor = float(LUMA @ background) + LUMA_GAP
     for _ in range(50):
-        colour = rng.uniform(0, 255, 3)
-        if LUMA @ colour >= floor:
+        color = rng.uniform(0, 255, 3)
+        if LUMA @ color >= floor:
             break
     else:
-        colour = np.full(3, 255.0)
-    return colour, np.clip(colour + rng.normal(0, 15, 3), 0, 255)
+        color = np.full(3, 255.0)
+    return color, np.clip(color + rng.normal(0, 15, 3), 0, 255)
 
 
 def _background(w: int, h: int, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
     """A dark random colour with a smooth low-frequency variation across the image."""
-    base = _colour_below(BACKGROUND_LUMA, rng)
+    base = _color_below(BACKGROUND_LUMA, rng)
     coarse = np.clip(base + rng.normal(0, 15, (3, 3, 3)), 0, 255).astype(np.uint8)
     return Image.fromarray(coarse).resize((w, h), Image.Resampling.BILINEAR), base
 
 
-def _random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
-    return tuple(int(v) for v in _colour_below(CLUTTER_LUMA, rng))
+def _random_color(rng: np.random.Generator) -> tuple[int, int, int]:
+    return tuple(int(v) for v in _color_below(CLUTTER_LUMA, rng))
 
 
 def _strokes(draw: ImageDraw.ImageDraw, w: int, h: int, n: int, rng: np.random.Generator) -> None:
     for _ in range(n):
         xy = [(float(rng.uniform(0, w)), float(rng.uniform(0, h))) for _ in range(2)]
-        draw.line(xy, fill=_random_colour(rng), width=int(rng.integers(1, 3)))
+        draw.line(xy, fill=_random_color(rng), width=int(rng.integers(1, 3)))
 
 
 def _clutter(img: Image.Image, rng: np.random.Generator) -> None:
@@ -303,7 +303,7 @@ def _clutter(img: Image.Image, rng: np.random.Generator) -> None:
         angles = np.sort(rng.uniform(0, 2 * math.pi, k))
         radii = r * rng.uniform(0.3, 1.0, k)
         draw.polygon([(float(cx + q * math.cos(a)), float(cy + q * math.sin(a)))
-                      for a, q in zip(angles, radii)], fill=_random_colour(rng))
+                      for a, q in zip(angles, radii)], fill=_random_color(rng))
 
 
 def _offset(extent: int, size: int, slack: float, rng: np.random.Generator) -> int:
@@ -322,14 +322,14 @@ def _place(alpha: np.ndarray, x0: int, y0: int, w: int, h: int) -> np.ndarray:
     return full
 
 
-def _paint(arr: np.ndarray, full: np.ndarray, colours: tuple[np.ndarray, np.ndarray],
+def _paint(arr: np.ndarray, full: np.ndarray, colors: tuple[np.ndarray, np.ndarray],
            rng: np.random.Generator) -> None:
     """Blend a linear colour gradient into `arr` (float HxWx3) with coverage `full`."""
     h, w = full.shape
     theta = rng.uniform(0, 2 * math.pi)
     ramp = np.cos(theta) * np.arange(w)[None, :] / w + np.sin(theta) * np.arange(h)[:, None] / h
     ramp = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1e-6)
-    fill = colours[0] + (colours[1] - colours[0]) * ramp[..., None]
+    fill = colors[0] + (colors[1] - colors[0]) * ramp[..., None]
     a = full[..., None]
     arr *= 1.0 - a
     arr += a * fill

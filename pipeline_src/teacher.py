@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline_src import checkpoint, params as P, tracking
+from pipeline_src import checkpoint, params as params_mod, tracking
 from pipeline_src.errors import InputError, run_main
 from pipeline_src.io import write_json
 from pipeline_src.loader import make_val_loader
@@ -66,12 +66,12 @@ def read_teacher_file(source: Path, wnids: list[str]) -> tuple[dict, dict]:
     return state, {"model": model, "num_classes": classes, "wnids": wnids if classes == len(wnids) else []}
 
 
-def import_teacher(cfg: dict, seed: int, out: str | Path | None = None) -> dict:
+def import_teacher(params: dict, seed: int, out: str | Path | None = None) -> dict:
     """Check a user's checkpoint against the teacher run's architecture and class count, measure it."""
-    source = Path(cfg["teacher"]["checkpoint"])
-    wnids = read_classes(cfg)
+    source = Path(params["teacher"]["checkpoint"])
+    wnids = read_classes(params)
     state, meta = read_teacher_file(source, wnids)
-    expected = cfg["model"]
+    expected = params["model"]
     # A stem stride changes no weight shape, so load_state_dict cannot catch it; a checkpoint that
     # names none has the paper's stem (stride 4), as torchvision's and timm's ResNets do.
     found = {"stem_stride": 4, **meta.get("model", {})}
@@ -79,14 +79,15 @@ def import_teacher(cfg: dict, seed: int, out: str | Path | None = None) -> dict:
                   if k in found and found[k] != expected[k]}
     if mismatched:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs params {b!r}" for k, (a, b) in mismatched.items())
-        raise TeacherError(f"{source}: teacher architecture does not match run '{cfg['run']['name']}' ({detail}); "
+        raise TeacherError(f"{source}: teacher architecture does not match run '{params['run']['name']}' ({detail}); "
                            "fix the runs.<teacher>.set / model keys or point teacher.checkpoint elsewhere")
     if meta["num_classes"] != len(wnids):
         raise TeacherError(f"{source}: teacher has {meta['num_classes']} classes but the betons have {len(wnids)}; "
                            "a teacher must be trained on the same classes as its students")
     if meta["wnids"] != wnids:
-        raise TeacherError(f"{source}: teacher classes {meta['wnids']} differ from {betons_dir(cfg) / 'classes.json'} "
-                           f"{wnids}; a teacher must be trained on the same classes, in the same order, as its students")
+        raise TeacherError(f"{source}: teacher classes {meta['wnids']} differ from "
+                           f"{betons_dir(params) / 'classes.json'} {wnids}; a teacher must be trained on the same "
+                           "classes, in the same order, as its students")
     model = build_model({**expected, "zero_gamma": False}, len(wnids))
     try:
         model.load_state_dict(state)
@@ -94,19 +95,19 @@ def import_teacher(cfg: dict, seed: int, out: str | Path | None = None) -> dict:
         raise TeacherError(f"{source}: weights do not fit {expected} with {len(wnids)} classes: "
                            f"{str(exc).splitlines()[0]}") from exc
     device = torch.device("cpu")
-    val = make_val_loader(betons_dir(cfg) / "val.beton", cfg, cfg["train"]["batch_size"], device)
-    scores = evaluate(model, val, cfg, device, "fp32", len(wnids), keep_gaps=True)
-    out = output_dir(cfg, cfg["run"]["name"], seed, out)
+    val = make_val_loader(betons_dir(params) / "val.beton", params, params["train"]["batch_size"], device)
+    scores = evaluate(model, val, params, device, "fp32", len(wnids), keep_gaps=True)
+    out = output_dir(params, params["run"]["name"], seed, out)
     metrics = {"top1": scores["top1"], "top5": scores["top5"], "val_loss": scores["val_loss"],
                "source": str(source)}
-    tags = {"run": cfg["run"]["name"], "seed": str(seed), "profile": cfg["profile"]["name"],
+    tags = {"run": params["run"]["name"], "seed": str(seed), "profile": params["profile"]["name"],
             "teacher_source": str(source), "run_dir": str(out)}
-    meta = {"run": cfg["run"]["name"], "seed": seed, "model": expected, "num_classes": len(wnids), "wnids": wnids}
-    with tracking.start_run(cfg, cfg["run"]["name"], seed, tags, resume=False) as tracker:
+    meta = {"run": params["run"]["name"], "seed": seed, "model": expected, "num_classes": len(wnids), "wnids": wnids}
+    with tracking.start_run(params, params["run"]["name"], seed, tags, resume=False) as tracker:
         checkpoint.save_final_model(out / "model.pt", model.state_dict(), meta)
-        write_json(out / "history.json", {"run": cfg["run"]["name"], "seed": seed, "tricks": cfg["run"]["tricks"],
+        write_json(out / "history.json", {"run": params["run"]["name"], "seed": seed, "tricks": params["run"]["tricks"],
                                           "epochs": [], "lr_curve": [], "logit_gaps": scores["logit_gaps"],
-                                          "label_smoothing": cfg["train"]["label_smoothing"]})
+                                          "label_smoothing": params["train"]["label_smoothing"]})
         write_json(out / "metrics.json", metrics)
         tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if k != "source"}, step=0)
         tracker.log_model(out / "model.pt", meta)
@@ -117,19 +118,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=None, help="default: teacher.seed")
     parser.add_argument("--out", default=None, help="output folder (default: as the train stage chooses)")
-    P.add_arguments(parser)
+    params_mod.add_arguments(parser)
     args = parser.parse_args(argv)
 
     def body() -> None:
-        params = P.from_args(args)
-        cfg = P.resolve_run(params, params["teacher"]["run"])
+        params = params_mod.from_args(args)
+        run_params = params_mod.resolve_run(params, params["teacher"]["run"])
         seed = params["teacher"]["seed"] if args.seed is None else args.seed
         if params["teacher"]["checkpoint"]:  # always re-checked: a stale import is never trusted
-            metrics = import_teacher(cfg, seed, args.out)
+            metrics = import_teacher(run_params, seed, args.out)
         else:
-            metrics = train(cfg, cfg["run"]["name"], seed, args.out)
+            metrics = train(run_params, run_params["run"]["name"], seed, args.out)
         if metrics:
-            print(f"teacher {cfg['run']['name']} seed {seed}: val top-1 {metrics['top1']:.2f}%")
+            print(f"teacher {run_params['run']['name']} seed {seed}: val top-1 {metrics['top1']:.2f}%")
 
     return run_main("teacher", body)
 

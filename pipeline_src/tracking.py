@@ -32,7 +32,7 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
-from pipeline_src import params as P
+from pipeline_src import params as params_mod
 from pipeline_src.errors import InputError
 from pipeline_src.params import flatten
 
@@ -379,23 +379,23 @@ class Tracker:
 def recipe_params(params: dict) -> dict[str, Any]:
     """What one run is logged with: its own resolved recipe, not the params file's other runs.
 
-    A training run (params resolved by P.resolve_run) logs its name, tricks and the sections it
-    trains with (P.recipe_of), plus the teacher section when it distils. Any other stage logs the
+    A training run (params resolved by params_mod.resolve_run) logs its name, tricks and the sections it
+    trains with (params_mod.recipe_of), plus the teacher section when it distils. Any other stage logs the
     shared sections, without the run definitions and the per-run sections it does not train with.
     """
     if "run" in params:
-        tree = {"run": params["run"], **P.recipe_of(params)}
+        tree = {"run": params["run"], **params_mod.recipe_of(params)}
         if params["train"]["distill"]:
             tree["teacher"] = params["teacher"]
     else:
-        skip = (*RUN_DEFINITIONS, *P.RUN_SECTIONS)
+        skip = (*RUN_DEFINITIONS, *params_mod.RUN_SECTIONS)
         tree = {k: v for k, v in params.items() if k not in skip and not k.startswith("_")}
     return flatten(tree)
 
 
 def description(params: dict) -> str | None:
     """The params file's description of a resolved run, for the MLflow run's description."""
-    return P.run_description(params, params["run"]["name"]) if "run" in params else None
+    return params_mod.run_description(params, params["run"]["name"]) if "run" in params else None
 
 
 def start_run(params: dict, run_name: str, seed: int, tags: dict[str, Any], enabled: bool = True,

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline_src import checkpoint, distributed, params as P
+from pipeline_src import checkpoint, distributed, params as params_mod
 from pipeline_src.engine import betons_dir, build_optimizer, evaluate, pick_device, read_classes
 from pipeline_src.errors import DIVERGED, InputError, run_main
 from pipeline_src.io import read_json, sha256, write_json
@@ -137,13 +137,13 @@ def build_criterion(teacher: nn.Module | None, distill_cfg: dict) -> Criterion:
 
 
 def train_one_epoch(model: nn.Module, loader, criterion: Criterion, batch_transform: Transform,
-                    optimizer: torch.optim.Optimizer, scheduler, scaler, cfg: dict, device: torch.device,
+                    optimizer: torch.optim.Optimizer, scheduler, scaler, params: dict, device: torch.device,
                     precision: str, epoch: int) -> tuple[dict, list]:
     """One pass over the train beton; also samples the LR ~20 times for the schedule plot."""
-    monitor = StepMonitor(device, cfg["monitor"]["finite_check_every"])
-    show = progress_enabled(cfg["monitor"]["progress"]) and not (dist.is_initialized() and dist.get_rank())
+    monitor = StepMonitor(device, params["monitor"]["finite_check_every"])
+    show = progress_enabled(params["monitor"]["progress"]) and not (dist.is_initialized() and dist.get_rank())
     world = dist.get_world_size() if dist.is_initialized() else 1
-    channels_last = cfg["train"]["channels_last"]
+    channels_last = params["train"]["channels_last"]
     model.train()
     seen, loss_sum, start = 0, 0.0, time.perf_counter()
     iters = len(loader)
@@ -181,33 +181,33 @@ def train_one_epoch(model: nn.Module, loader, criterion: Criterion, batch_transf
     return {"train_loss": loss_sum / max(seen, 1), "images_per_s": seen / elapsed}, lr_points
 
 
-def check_batch_size(cfg: dict, betons: Path) -> None:
+def check_batch_size(params: dict, betons: Path) -> None:
     """A batch above the split's image count gives no batch at all (drop_last) or a loader error."""
     manifest = betons / "manifest.json"
     if not manifest.is_file():
         return  # make_train_loader names the missing beton
     images = read_json(manifest)["splits"]["train"]["images"]
-    batch = cfg["train"]["batch_size"]
+    batch = params["train"]["batch_size"]
     if batch > images:
         raise TrainInputError(
-            f"run '{cfg['run']['name']}': key 'train.batch_size' ({batch}) is above the {images} images of "
+            f"run '{params['run']['name']}': key 'train.batch_size' ({batch}) is above the {images} images of "
             f"{betons / 'train.beton'}; lower train.batch_size (in the run's tricks or with --set)"
         )
 
 
-def train(cfg: dict, run: str, seed: int, out: str | Path | None = None) -> dict | None:
+def train(params: dict, run: str, seed: int, out: str | Path | None = None) -> dict | None:
     """Train (or resume, or skip) one run; returns its final metrics on rank 0.
 
     `out` (--out) overrides the folder `run_folders.output_dir` picks. Rank 0 holds the run folder's
     lock throughout, so a second job of the same run and seed stops at once ("in use by pid N")
     instead of overwriting this one's checkpoint.
     """
-    out = output_dir(cfg, run, seed, out)
+    out = output_dir(params, run, seed, out)
     rank0 = os.environ.get("RANK", "0") == "0"
-    if out != run_dir(cfg, run, seed) and rank0:
-        print(f"{run} seed {seed}: not the recipe {cfg['_source']} gives this run, so writing to {out}")
+    if out != run_dir(params, run, seed) and rank0:
+        print(f"{run} seed {seed}: not the recipe {params['_source']} gives this run, so writing to {out}")
     with dir_lock(out) if rank0 else contextlib.nullcontext():
-        return _train(cfg, run, seed, out)
+        return _train(params, run, seed, out)
 
 
 @dataclass
@@ -230,31 +230,31 @@ class Setup:
     ddp: Any
 
 
-def build_setup(cfg: dict, seed: int) -> Setup:
+def build_setup(params: dict, seed: int) -> Setup:
     """Device, process group, model, teacher, loaders, optimizer, schedule and loss, as the recipe says."""
     from pipeline_src.loader import make_train_loader, make_val_loader
 
-    train_cfg = cfg["train"]
-    check_batch_size(cfg, betons_dir(cfg))
-    ddp = distributed.setup(cfg["loader"]["device"] != "cpu" and torch.cuda.is_available())
-    device = pick_device(cfg, ddp.local_rank)
+    train_cfg = params["train"]
+    check_batch_size(params, betons_dir(params))
+    ddp = distributed.setup(params["loader"]["device"] != "cpu" and torch.cuda.is_available())
+    device = pick_device(params, ddp.local_rank)
     if train_cfg["batch_size"] % ddp.world:
         raise TrainInputError(f"train.batch_size {train_cfg['batch_size']} is not divisible by {ddp.world} processes")
     torch.manual_seed(seed)
-    wnids = read_classes(cfg)
+    wnids = read_classes(params)
 
-    model = build_model(cfg["model"], len(wnids))
+    model = build_model(params["model"], len(wnids))
     if train_cfg["sync_bn"] and ddp.world > 1:
         model = distributed.sync_batchnorm(model, device)
     model = model.to(device)
     if train_cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    teacher = load_teacher(cfg, wnids, device) if train_cfg["distill"] else None
+    teacher = load_teacher(params, wnids, device) if train_cfg["distill"] else None
 
     local_batch = train_cfg["batch_size"] // ddp.world
-    betons = betons_dir(cfg)
-    train_loader = make_train_loader(betons / "train.beton", cfg, local_batch, seed, device, ddp.world > 1)
-    val_loader = make_val_loader(betons / "val.beton", cfg, local_batch, device, ddp.world > 1)
+    betons = betons_dir(params)
+    train_loader = make_train_loader(betons / "train.beton", params, local_batch, seed, device, ddp.world > 1)
+    val_loader = make_val_loader(betons / "val.beton", params, local_batch, device, ddp.world > 1)
     lr = scaled_lr(train_cfg["base_lr"], train_cfg["batch_size"], train_cfg["base_batch"], train_cfg["linear_scaling"])
     optimizer = build_optimizer(model, train_cfg, lr)
     scheduler = build_scheduler(
@@ -272,7 +272,7 @@ def build_setup(cfg: dict, seed: int) -> Setup:
     return Setup(
         model=model, net=torch.compile(net) if train_cfg["compile"] else net,
         train_loader=train_loader, val_loader=val_loader, optimizer=optimizer, scheduler=scheduler,
-        scaler=make_grad_scaler(device, precision), criterion=build_criterion(teacher, cfg["distill"]),
+        scaler=make_grad_scaler(device, precision), criterion=build_criterion(teacher, params["distill"]),
         batch_transform=build_batch_transform(train_cfg, len(wnids), mix_gen), mix_gen=mix_gen,
         device=device, precision=precision, wnids=wnids, ddp=ddp,
     )
@@ -297,11 +297,11 @@ def resume(setup: Setup, ckpt: Path, recipe: str) -> tuple[int, list[dict], list
     return state["epoch"] + 1, json.loads(state["history"]), json.loads(state["lr_curve"])
 
 
-def fit(setup: Setup, cfg: dict, run: str, seed: int, ckpt: Path, recipe: str, start_epoch: int,
+def fit(setup: Setup, params: dict, run: str, seed: int, ckpt: Path, recipe: str, start_epoch: int,
         history: list[dict], lr_curve: list[list[float]], tracker) -> dict:
     """The epochs from `start_epoch`: train, evaluate, checkpoint, log; returns the last evaluation
     (with the logit gaps of Figure 4). `history` and `lr_curve` grow in place."""
-    s, train_cfg = setup, cfg["train"]
+    s, train_cfg = setup, params["train"]
     final = None
     for epoch in range(start_epoch, train_cfg["epochs"]):
         s.train_loader.set_epoch(epoch)
@@ -309,15 +309,15 @@ def fit(setup: Setup, cfg: dict, run: str, seed: int, ckpt: Path, recipe: str, s
         epoch_start = time.perf_counter()
         try:
             stats, lr_points = train_one_epoch(s.net, s.train_loader, s.criterion, s.batch_transform, s.optimizer,
-                                               s.scheduler, s.scaler, cfg, s.device, s.precision, epoch)
+                                               s.scheduler, s.scaler, params, s.device, s.precision, epoch)
         except NonFiniteLoss as exc:
             raise NonFiniteLoss(f"{exc}; the last good checkpoint is {ckpt if ckpt.is_file() else '(none yet)'}; "
                                 "lower train.base_lr or add warmup") from None
         if epoch == train_cfg["epochs"] - 1:
-            final = evaluate(s.model, s.val_loader, cfg, s.device, s.precision, len(s.wnids), keep_gaps=True)
+            final = evaluate(s.model, s.val_loader, params, s.device, s.precision, len(s.wnids), keep_gaps=True)
             stats.update({k: v for k, v in final.items() if k != "logit_gaps"})
         elif (epoch + 1) % train_cfg["eval_every"] == 0:
-            stats.update(evaluate(s.model, s.val_loader, cfg, s.device, s.precision, len(s.wnids)))
+            stats.update(evaluate(s.model, s.val_loader, params, s.device, s.precision, len(s.wnids)))
         stats.update(epoch=epoch, lr=lr_now, images_per_s=stats["images_per_s"] * s.ddp.world,
                      epoch_time_s=time.perf_counter() - epoch_start)
         history.append(stats)
@@ -334,14 +334,14 @@ def fit(setup: Setup, cfg: dict, run: str, seed: int, ckpt: Path, recipe: str, s
         # After the checkpoint: a tracking outage costs no training (it retries, then warns).
         tracker.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch)
     if final is None:  # resumed after the last epoch's checkpoint
-        final = evaluate(s.model, s.val_loader, cfg, s.device, s.precision, len(s.wnids), keep_gaps=True)
+        final = evaluate(s.model, s.val_loader, params, s.device, s.precision, len(s.wnids), keep_gaps=True)
     return final
 
 
-def write_outputs(setup: Setup, cfg: dict, run: str, seed: int, out: Path, recipe: str, history: list[dict],
+def write_outputs(setup: Setup, params: dict, run: str, seed: int, out: Path, recipe: str, history: list[dict],
                   lr_curve: list[list[float]], final: dict, tracker) -> dict:
     """model.pt, history.json and metrics.json (the report's inputs), also logged to MLflow; returns the metrics."""
-    train_cfg = cfg["train"]
+    train_cfg = params["train"]
     metrics = {
         "top1": final["top1"], "top5": final["top5"], "val_loss": final["val_loss"],
         "train_loss": history[-1]["train_loss"],
@@ -349,10 +349,10 @@ def write_outputs(setup: Setup, cfg: dict, run: str, seed: int, out: Path, recip
         "wall_time_s": sum(h["epoch_time_s"] for h in history), "recipe": recipe,
         "precision": setup.precision, "machine": hardware(setup.device),
     }
-    meta = {"run": run, "seed": seed, "model": cfg["model"], "num_classes": len(setup.wnids), "wnids": setup.wnids}
+    meta = {"run": run, "seed": seed, "model": params["model"], "num_classes": len(setup.wnids), "wnids": setup.wnids}
     checkpoint.save_final_model(out / "model.pt", setup.model.state_dict(), meta)
     metrics["model_sha256"] = sha256(out / "model.pt")
-    write_json(out / "history.json", {"run": run, "seed": seed, "tricks": cfg["run"]["tricks"],
+    write_json(out / "history.json", {"run": run, "seed": seed, "tricks": params["run"]["tricks"],
                                       "epochs": history, "lr_curve": lr_curve,
                                       "logit_gaps": final["logit_gaps"],
                                       "label_smoothing": train_cfg["label_smoothing"]})
@@ -364,27 +364,27 @@ def write_outputs(setup: Setup, cfg: dict, run: str, seed: int, out: Path, recip
     return metrics
 
 
-def _train(cfg: dict, run: str, seed: int, out: Path) -> dict | None:
+def _train(params: dict, run: str, seed: int, out: Path) -> dict | None:
     # Imported here, not at the top: the loop runs without mlflow (bench/gpu_check.py).
     from pipeline_src import tracking
 
-    recipe = P.recipe_hash(cfg)
+    recipe = params_mod.recipe_hash(params)
     finished = checkpoint.finished_metrics(out, recipe)
     if finished is not None:
         print(f"{out}: already finished with these params, skipping (delete it to re-train)")
         return finished
-    setup = build_setup(cfg, seed)
+    setup = build_setup(params, seed)
     ckpt = out / "last.pt"
     start_epoch, history, lr_curve = resume(setup, ckpt, recipe)
-    tags = {"run": run, "seed": str(seed), "profile": cfg["profile"]["name"], "precision_effective": setup.precision,
-            "run_dir": str(out), **beton_tags(betons_dir(cfg))}
-    tracker = tracking.start_run(cfg, run, seed, tags, enabled=setup.ddp.main, resume=start_epoch > 0)
+    tags = {"run": run, "seed": str(seed), "profile": params["profile"]["name"], "precision_effective": setup.precision,
+            "run_dir": str(out), **beton_tags(betons_dir(params))}
+    tracker = tracking.start_run(params, run, seed, tags, enabled=setup.ddp.main, resume=start_epoch > 0)
     with tracker:
         tracker.log_history(history)  # epochs an outage or a kill kept out of the store
-        final = fit(setup, cfg, run, seed, ckpt, recipe, start_epoch, history, lr_curve, tracker)
+        final = fit(setup, params, run, seed, ckpt, recipe, start_epoch, history, lr_curve, tracker)
         if not setup.ddp.main:
             return None
-        metrics = write_outputs(setup, cfg, run, seed, out, recipe, history, lr_curve, final, tracker)
+        metrics = write_outputs(setup, params, run, seed, out, recipe, history, lr_curve, final, tracker)
     ckpt.unlink(missing_ok=True)  # model.pt holds the weights now; the resume state is spent
     return metrics
 
@@ -403,7 +403,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="default: the first of study.seeds")
     parser.add_argument("--out", default=None, help="output folder (default: paths.runs/<run>/seed<k>, or "
                         "paths.runs/adhoc/<run>-<hash>/seed<k> when --set changes the run's recipe)")
-    P.add_arguments(parser)
+    params_mod.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -411,10 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> None:
-        params = P.from_args(args)
-        cfg = P.resolve_run(params, args.run)
+        params = params_mod.from_args(args)
+        run_params = params_mod.resolve_run(params, args.run)
         try:
-            train(cfg, args.run, params["study"]["seeds"][0] if args.seed is None else args.seed, args.out)
+            train(run_params, args.run, params["study"]["seeds"][0] if args.seed is None else args.seed, args.out)
         finally:
             distributed.teardown()
 

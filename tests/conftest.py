@@ -45,13 +45,13 @@ def write_micro_params(tmp: Path, extra: dict | None = None) -> Path:
 @pytest.fixture(scope="session")
 def micro(tmp_path_factory) -> Path:
     """Micro params with the synthetic data generated and prepared into betons (shared, read-only)."""
-    from pipeline_src import params as P
+    from pipeline_src import params as params_mod
     from pipeline_src.prepare import prepare
     from pipeline_src.synthetic import generate_imagenet
 
     tmp = tmp_path_factory.mktemp("micro")
     path = write_micro_params(tmp)
-    params = P.load(path)
+    params = params_mod.load(path)
     generate_imagenet(Path(params["paths"]["data"]) / "synthetic", params["synthetic"])
     prepare(params)
     return path

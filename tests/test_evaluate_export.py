@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline_src import params as P
+from pipeline_src import params as params_mod
 from pipeline_src.evaluate import ValFolder, main as evaluate_main
 from pipeline_src.export import load_model, main as export_main
 from pipeline_src.loader import make_val_loader
@@ -29,7 +29,7 @@ def _last_json(capsys) -> dict:
 
 
 def test_beton_scores_equal_the_trainings_final_evaluation(micro, trained, tmp_path, capsys):
-    beton = betons_dir(P.load(micro)) / "val.beton"
+    beton = betons_dir(params_mod.load(micro)) / "val.beton"
     argv = ["--params", str(micro), "--checkpoint", str(trained / "model.pt"), "--data", str(beton),
             "--out", str(tmp_path / "scores.json")]
     assert evaluate_main(argv) == 0
@@ -44,7 +44,7 @@ def test_beton_scores_equal_the_trainings_final_evaluation(micro, trained, tmp_p
 def test_val_folder_sees_the_betons_images_through_the_same_box(micro, trained, capsys):
     """Same images, labels and order as the val beton; pixels differ only by the beton's JPEG
     re-encoding and OpenCV's vs PIL's area resize (a wrong box or normalization differs by ~1)."""
-    params = P.resolve_run(P.load(micro), "baseline")
+    params = params_mod.resolve_run(params_mod.load(micro), "baseline")
     _, meta = load_model(trained / "model.pt")
     folder = Path(params["paths"]["data"]) / "synthetic" / "imagenet" / "val"
     dataset = ValFolder(folder, meta["wnids"], params)
@@ -81,7 +81,7 @@ def test_export_gives_the_same_logits(micro, trained, tmp_path, fmt, capsys):
     finally:
         gc.enable()
     report = _last_json(capsys)
-    res = P.load(micro)["loader"]["val_res"]
+    res = params_mod.load(micro)["loader"]["val_res"]
     assert report["res"] == res and report["max_abs_logit_diff"] <= 1e-4
     model, _ = load_model(trained / "model.pt")
     x = torch.randn(5, 3, res, res)

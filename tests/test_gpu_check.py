@@ -15,9 +15,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 import gpu_check  # noqa: E402
 
 def _betons(micro: Path) -> Path:
-    from pipeline_src import params as P
+    from pipeline_src import params as params_mod
 
-    return Path(P.load(micro)["paths"]["data"]) / "betons"
+    return Path(params_mod.load(micro)["paths"]["data"]) / "betons"
 
 
 def test_cpu_mode_runs_every_check(micro, tmp_path, capsys):

@@ -25,7 +25,7 @@ from ffcv.transforms import ToTensor
 from ffcv.writer import DatasetWriter
 from PIL import Image
 
-from pipeline_src import params as P
+from pipeline_src import params as params_mod
 from pipeline_src.loader import LoaderError, draws, gpu, make_train_loader, make_val_loader, measure_throughput
 from pipeline_src.loader import decoders, kernels
 from pipeline_src.engine import EngineInputError, pick_device
@@ -55,10 +55,10 @@ def collect_loaders():
 
 
 def load_params(*sets: str) -> dict:
-    return P.load(REPO / "params.yaml", [*BASE_SETS, *sets])
+    return params_mod.load(REPO / "params.yaml", [*BASE_SETS, *sets])
 
 
-def flat_colour(i: int) -> np.ndarray:
+def flat_color(i: int) -> np.ndarray:
     """Constant image colours, away from 0 and 255 so the lighting shift never clips."""
     rng = np.random.default_rng(1000 + i)
     return rng.integers(60, 190, 3).astype(np.uint8)
@@ -94,7 +94,7 @@ def write_beton(path: Path, images: list[np.ndarray], mode: str) -> Path:
 @pytest.fixture(scope="module")
 def plain_images() -> list[np.ndarray]:
     """N_FLAT constant images of varied sizes, then N_GRADIENT smooth landscape / portrait images."""
-    flat = [np.broadcast_to(flat_colour(i), (40 + i % 17, 36 + i % 29, 3)).copy() for i in range(N_FLAT)]
+    flat = [np.broadcast_to(flat_color(i), (40 + i % 17, 36 + i % 29, 3)).copy() for i in range(N_FLAT)]
     grad = [gradient(48, 64) if i % 2 else gradient(64, 48) for i in range(N_GRADIENT)]
     return flat + grad
 
@@ -228,7 +228,7 @@ def random_images(n: int, h: int = 12, w: int = 10, seed: int = 0) -> np.ndarray
     return np.random.default_rng(seed).uniform(0, 255, (n, h, w, 3)).astype(np.float32)
 
 
-def numba_colour(images: np.ndarray, op: int, factor: float) -> np.ndarray:
+def numba_color(images: np.ndarray, op: int, factor: float) -> np.ndarray:
     out = images.copy()
     m, beta = np.zeros((1, 3, 3)), np.zeros(1)
     beta[0] = draws.step_matrix(op, factor, m[0])
@@ -237,16 +237,16 @@ def numba_colour(images: np.ndarray, op: int, factor: float) -> np.ndarray:
     return out
 
 
-def test_colour_steps_are_the_named_adjustments():
+def test_color_steps_are_the_named_adjustments():
     x = random_images(4)
     gray = x @ draws.GRAY
-    assert np.allclose(numba_colour(x, draws.BRIGHTNESS, 1.3), np.clip(1.3 * x, 0, 255), atol=1e-3)
+    assert np.allclose(numba_color(x, draws.BRIGHTNESS, 1.3), np.clip(1.3 * x, 0, 255), atol=1e-3)
     mean_gray = gray.mean(axis=(1, 2))[:, None, None, None]
-    assert np.allclose(numba_colour(x, draws.CONTRAST, 0.7), np.clip(0.7 * x + 0.3 * mean_gray, 0, 255), atol=1e-3)
-    assert np.allclose(numba_colour(x, draws.SATURATION, 1.2), np.clip(1.2 * x - 0.2 * gray[..., None], 0, 255),
+    assert np.allclose(numba_color(x, draws.CONTRAST, 0.7), np.clip(0.7 * x + 0.3 * mean_gray, 0, 255), atol=1e-3)
+    assert np.allclose(numba_color(x, draws.SATURATION, 1.2), np.clip(1.2 * x - 0.2 * gray[..., None], 0, 255),
                        atol=1e-3)
-    assert np.allclose(numba_colour(x, draws.HUE, 0.0), x, atol=1e-3)
-    rotated = numba_colour(np.full((1, 4, 4, 3), [150, 100, 110], np.float32), draws.HUE, 0.5)
+    assert np.allclose(numba_color(x, draws.HUE, 0.0), x, atol=1e-3)
+    rotated = numba_color(np.full((1, 4, 4, 3), [150, 100, 110], np.float32), draws.HUE, 0.5)
     assert np.allclose(rotated @ draws.GRAY, 150 * 0.299 + 100 * 0.587 + 110 * 0.114, atol=1e-2)  # luma kept
     assert np.abs(rotated - [150, 100, 110]).max() > 5  # but the colour turns
 
@@ -416,9 +416,9 @@ def test_resume_in_a_fresh_process_gives_the_same_epoch(train_epochs, textured_b
     out = tmp_path / "epoch1.npz"
     script = (
         "import sys, json, numpy as np, torch\n"
-        "from pipeline_src import params as P\n"
+        "from pipeline_src import params as params_mod\n"
         "from pipeline_src.loader import make_train_loader\n"
-        "p = P.load(sys.argv[3], json.loads(sys.argv[4]))\n"
+        "p = params_mod.load(sys.argv[3], json.loads(sys.argv[4]))\n"
         "arrays = {}\n"
         "for seed in (0, 1):\n"
         f"    loader = make_train_loader(sys.argv[1], p, {BATCH}, seed, torch.device('cpu'))\n"
@@ -442,7 +442,7 @@ def test_resume_in_a_fresh_process_gives_the_same_epoch(train_epochs, textured_b
 def test_device_path_gives_the_worker_path_batches(train_epochs, textured_beton):
     """The torch ops (gpu.py, here on CPU tensors) draw and compute what the numba workers do."""
     _, first, _, _ = train_epochs
-    loader = make_train_loader(textured_beton, load_params(), BATCH, 0, torch.device("cpu"), colour_on_device=True)
+    loader = make_train_loader(textured_beton, load_params(), BATCH, 0, torch.device("cpu"), color_on_device=True)
     assert loader.device_ops is not None
     device_path = take_epoch(loader, 0)
     for (x1, y1), (x2, y2) in zip(first, device_path):

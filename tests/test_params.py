@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline_src import params as P
+from pipeline_src import params as params_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,8 +18,8 @@ def _write(tmp_path: Path, mutate) -> Path:
 
 
 def test_default_params_load_with_every_key():
-    params = P.load(ROOT / "params.yaml")
-    for section, node in P.SCHEMA.items():
+    params = params_mod.load(ROOT / "params.yaml")
+    for section, node in params_mod.SCHEMA.items():
         assert section in params
         if isinstance(node, dict):
             assert set(params[section]) == set(node)
@@ -27,22 +27,22 @@ def test_default_params_load_with_every_key():
 
 def test_unknown_key_names_path_file_and_suggestion(tmp_path):
     path = _write(tmp_path, lambda raw: raw["train"].__setitem__("epohcs", 3))
-    with pytest.raises(P.ParamsError) as err:
-        P.load(path)
+    with pytest.raises(params_mod.ParamsError) as err:
+        params_mod.load(path)
     msg = str(err.value)
     assert str(path) in msg and "train.epohcs" in msg and "did you mean 'train.epochs'" in msg
 
 
 def test_unknown_section_is_an_error(tmp_path):
     path = _write(tmp_path, lambda raw: raw.__setitem__("trian", {}))
-    with pytest.raises(P.ParamsError, match="unknown key 'trian'.*did you mean 'train'"):
-        P.load(path)
+    with pytest.raises(params_mod.ParamsError, match="unknown key 'trian'.*did you mean 'train'"):
+        params_mod.load(path)
 
 
 def test_missing_key_is_an_error_not_a_hidden_default(tmp_path):
     path = _write(tmp_path, lambda raw: raw["loader"].pop("res"))
-    with pytest.raises(P.ParamsError, match=r"section 'loader' is missing key\(s\) \['res'\]"):
-        P.load(path)
+    with pytest.raises(params_mod.ParamsError, match=r"section 'loader' is missing key\(s\) \['res'\]"):
+        params_mod.load(path)
 
 
 @pytest.mark.parametrize("key,value,pattern", [
@@ -69,77 +69,78 @@ def test_missing_key_is_an_error_not_a_hidden_default(tmp_path):
     ("transfer.segmentation.aux_weight", "-0.5", r"'transfer.segmentation.aux_weight' must be >= 0.0"),
 ])
 def test_wrong_values_are_rejected(key, value, pattern):
-    with pytest.raises(P.ParamsError, match=pattern):
-        P.load(ROOT / "params.yaml", [f"{key}={value}"])
+    with pytest.raises(params_mod.ParamsError, match=pattern):
+        params_mod.load(ROOT / "params.yaml", [f"{key}={value}"])
 
 
 def test_fpn_needs_one_anchor_size_per_level():
-    fpn = P.load(ROOT / "params.yaml", ["transfer.detection.style=fpn"])
+    fpn = params_mod.load(ROOT / "params.yaml", ["transfer.detection.style=fpn"])
     assert len(fpn["transfer"]["detection"]["anchor_sizes"]) == 5
     one_per_level = r"key 'transfer.detection.anchor_sizes' must have 5 items with style fpn.*got 3"
-    with pytest.raises(P.ParamsError, match=one_per_level):
-        P.load(ROOT / "params.yaml", ["transfer.detection.style=fpn", "transfer.detection.anchor_sizes=[32, 64, 128]"])
-    c4 = P.load(ROOT / "params.yaml", ["transfer.detection.anchor_sizes=[32, 64, 128]"])
+    with pytest.raises(params_mod.ParamsError, match=one_per_level):
+        params_mod.load(ROOT / "params.yaml",
+                        ["transfer.detection.style=fpn", "transfer.detection.anchor_sizes=[32, 64, 128]"])
+    c4 = params_mod.load(ROOT / "params.yaml", ["transfer.detection.anchor_sizes=[32, 64, 128]"])
     assert c4["transfer"]["detection"]["anchor_sizes"] == [32.0, 64.0, 128.0]
 
 
 def test_set_overrides_and_is_validated():
-    params = P.load(ROOT / "params.yaml", ["train.epochs=3", "data.imagenet_dir=/x/y", "augment.flip=false",
-                                           "train.weight_decay=5e-5"])
+    params = params_mod.load(ROOT / "params.yaml", ["train.epochs=3", "data.imagenet_dir=/x/y", "augment.flip=false",
+                                                    "train.weight_decay=5e-5"])
     assert params["train"]["weight_decay"] == 5e-5
     assert params["train"]["epochs"] == 3
     assert params["data"]["imagenet_dir"] == "/x/y"
     assert params["augment"]["flip"] is False
-    with pytest.raises(P.ParamsError, match="unknown key 'train.lr'"):
-        P.load(ROOT / "params.yaml", ["train.lr=0.2"])
-    with pytest.raises(P.ParamsError, match="expected KEY=VALUE"):
-        P.load(ROOT / "params.yaml", ["train.epochs"])
+    with pytest.raises(params_mod.ParamsError, match="unknown key 'train.lr'"):
+        params_mod.load(ROOT / "params.yaml", ["train.lr=0.2"])
+    with pytest.raises(params_mod.ParamsError, match="expected KEY=VALUE"):
+        params_mod.load(ROOT / "params.yaml", ["train.epochs"])
 
 
 def test_runs_stack_their_bases_tricks():
-    params = P.load(ROOT / "params.yaml")
-    run = P.resolve_run(params, "t6-label-smoothing")
+    params = params_mod.load(ROOT / "params.yaml")
+    run = params_mod.resolve_run(params, "t6-label-smoothing")
     assert run["run"]["tricks"] == ["large_batch", "warmup", "zero_gamma", "no_bias_decay", "amp",
                                     "resnet_d", "cosine", "label_smoothing"]
     assert run["model"]["variant"] == "D" and run["train"]["schedule"] == "cosine"
     assert run["train"]["label_smoothing"] == pytest.approx(0.1)
-    assert P.resolve_run(params, "baseline")["train"] == params["train"]
+    assert params_mod.resolve_run(params, "baseline")["train"] == params["train"]
 
 
 def test_generated_single_trick_and_leave_one_out_runs():
-    params = P.load(ROOT / "params.yaml")
-    names = P.all_run_names(params)
+    params = params_mod.load(ROOT / "params.yaml")
+    names = params_mod.all_run_names(params)
     for trick in params["study"]["single_trick"]["tricks"]:
         assert f"single-{trick}" in names
-    single = P.resolve_run(params, "single-cosine")
+    single = params_mod.resolve_run(params, "single-cosine")
     assert single["run"]["tricks"] == ["cosine"] and single["train"]["schedule"] == "cosine"
-    loo = P.resolve_run(params, "loo-cosine")
+    loo = params_mod.resolve_run(params, "loo-cosine")
     assert "cosine" not in loo["run"]["tricks"] and loo["train"]["schedule"] == "step"
     assert loo["train"]["mixup_alpha"] == pytest.approx(0.2)
 
 
 def test_command_line_set_wins_over_a_runs_tricks():
-    params = P.load(ROOT / "params.yaml", ["train.epochs=3"])
-    assert P.resolve_run(params, "t6-mixup")["train"]["epochs"] == 3
+    params = params_mod.load(ROOT / "params.yaml", ["train.epochs=3"])
+    assert params_mod.resolve_run(params, "t6-mixup")["train"]["epochs"] == 3
 
 
 def test_bad_run_references_are_errors(tmp_path):
     path = _write(tmp_path, lambda raw: raw["runs"]["baseline"].__setitem__("tricks", ["cosin"]))
-    with pytest.raises(P.ParamsError, match="did you mean 'runs.baseline.tricks.cosine'"):
-        P.load(path)
+    with pytest.raises(params_mod.ParamsError, match="did you mean 'runs.baseline.tricks.cosine'"):
+        params_mod.load(path)
     path = _write(tmp_path, lambda raw: raw["tricks"].__setitem__("bad", {"paths.data": "x"}))
-    with pytest.raises(P.ParamsError, match="a run may only change"):
-        P.load(path)
+    with pytest.raises(params_mod.ParamsError, match="a run may only change"):
+        params_mod.load(path)
     path = _write(tmp_path, lambda raw: raw["runs"]["baseline"].__setitem__("base", "t4-amp"))
-    with pytest.raises(P.ParamsError, match="cycle"):
-        P.load(path)
-    with pytest.raises(P.ParamsError, match="unknown key 'runs.basline'"):
-        P.resolve_run(P.load(ROOT / "params.yaml"), "basline")
+    with pytest.raises(params_mod.ParamsError, match="cycle"):
+        params_mod.load(path)
+    with pytest.raises(params_mod.ParamsError, match="unknown key 'runs.basline'"):
+        params_mod.resolve_run(params_mod.load(ROOT / "params.yaml"), "basline")
 
 
 def test_imagenet_profile_matches_the_paper():
     """configs/imagenet.yaml against ../shared/paper_tables.md (sections 2, 3 and 5)."""
-    params = P.load(ROOT / "configs" / "imagenet.yaml")
+    params = params_mod.load(ROOT / "configs" / "imagenet.yaml")
     aug, train, model = params["augment"], params["train"], params["model"]
     assert aug["crop_area"] == [0.08, 1.0]
     assert aug["crop_ratio"] == pytest.approx([3 / 4, 4 / 3])
@@ -156,16 +157,16 @@ def test_imagenet_profile_matches_the_paper():
     assert (train["momentum"], train["nesterov"], train["weight_decay"]) == (0.9, True, 1e-4)
     assert train["schedule"] == "step" and train["precision"] == "fp32"
 
-    efficient = P.resolve_run(params, "efficient")["train"]
+    efficient = params_mod.resolve_run(params, "efficient")["train"]
     assert efficient["batch_size"] == 1024 and efficient["linear_scaling"] is True
     assert efficient["base_lr"] * efficient["batch_size"] / efficient["base_batch"] == pytest.approx(0.4)
     assert efficient["warmup_epochs"] == 5 and efficient["no_bias_decay"] and efficient["precision"] == "amp"
-    assert P.resolve_run(params, "efficient")["model"]["zero_gamma"] is True
+    assert params_mod.resolve_run(params, "efficient")["model"]["zero_gamma"] is True
 
-    mixup = P.resolve_run(params, "t6-mixup")["train"]
+    mixup = params_mod.resolve_run(params, "t6-mixup")["train"]
     assert (mixup["mixup_alpha"], mixup["epochs"], mixup["label_smoothing"]) == (0.2, 200, 0.1)
     assert mixup["schedule"] == "cosine"
-    teacher = P.resolve_run(params, params["teacher"]["run"])
+    teacher = params_mod.resolve_run(params, params["teacher"]["run"])
     assert (teacher["model"]["depth"], teacher["model"]["variant"]) == (152, "D")
     assert teacher["train"]["schedule"] == "cosine" and teacher["train"]["label_smoothing"] == 0.1
     assert params["distill"]["temperature"] == 20
@@ -173,7 +174,7 @@ def test_imagenet_profile_matches_the_paper():
 
 def test_imagenet_profile_transfer_is_common_practice():
     """Faster-RCNN on VOC as GluonCV's faster_rcnn_resnet50_v1b_voc, FCN on ADE20K as GluonCV's."""
-    params = P.load(ROOT / "configs" / "imagenet.yaml")
+    params = params_mod.load(ROOT / "configs" / "imagenet.yaml")
     det, seg = params["transfer"]["detection"], params["transfer"]["segmentation"]
     assert (det["min_size"], det["max_size"]) == (600, 1000)
     assert det["frozen_stages"] == ["stem", "layer1"] and det["lr_decay"] == 0.1
@@ -193,15 +194,15 @@ def test_duplicate_key_is_an_error_naming_file_and_lines(tmp_path):
     path = tmp_path / "dup.yaml"
     path.write_text(text.replace("\n  epochs: 12\n", "\n  epochs: 12\n  epochs: 3\n", 1))
     first = text[:text.index("\n  epochs: 12\n")].count("\n") + 2
-    with pytest.raises(P.ParamsError) as err:
-        P.load(path)
+    with pytest.raises(params_mod.ParamsError) as err:
+        params_mod.load(path)
     msg = str(err.value)
     assert f"{path}: line {first + 1}: key 'epochs' is given twice" in msg and f"first on line {first}" in msg
 
 
 def test_synthetic_sizes_must_be_ordered():
-    with pytest.raises(P.ParamsError, match=r"'synthetic.min_size' \(60\) is above 'synthetic.max_size'"):
-        P.load(ROOT / "params.yaml", ["synthetic.min_size=60", "synthetic.max_size=40"])
+    with pytest.raises(params_mod.ParamsError, match=r"'synthetic.min_size' \(60\) is above 'synthetic.max_size'"):
+        params_mod.load(ROOT / "params.yaml", ["synthetic.min_size=60", "synthetic.max_size=40"])
 
 
 @pytest.mark.parametrize("run, sets, pattern", [
@@ -213,19 +214,19 @@ def test_synthetic_sizes_must_be_ordered():
      r"run 'baseline': .* has \[2\] outside \(warmup_epochs, epochs\) = \(2, 12\)"),
 ])
 def test_schedule_rules_name_the_run_and_keys(run, sets, pattern):
-    params = P.load(ROOT / "params.yaml", sets)
-    with pytest.raises(P.ParamsError, match=pattern):
-        P.resolve_run(params, run)
+    params = params_mod.load(ROOT / "params.yaml", sets)
+    with pytest.raises(params_mod.ParamsError, match=pattern):
+        params_mod.resolve_run(params, run)
 
 
 def test_cosine_runs_ignore_step_milestones():
-    params = P.load(ROOT / "params.yaml", ["train.schedule=cosine", "train.step_milestones=[50]"])
-    assert P.resolve_run(params, "baseline")["train"]["step_milestones"] == [50]
+    params = params_mod.load(ROOT / "params.yaml", ["train.schedule=cosine", "train.step_milestones=[50]"])
+    assert params_mod.resolve_run(params, "baseline")["train"]["step_milestones"] == [50]
 
 
 def test_malformed_set_value_is_a_params_error():
-    with pytest.raises(P.ParamsError, match=r"--set 'train.epochs=\[1': the value is not valid YAML"):
-        P.load(ROOT / "params.yaml", ["train.epochs=[1"])
+    with pytest.raises(params_mod.ParamsError, match=r"--set 'train.epochs=\[1': the value is not valid YAML"):
+        params_mod.load(ROOT / "params.yaml", ["train.epochs=[1"])
 
 
 def _overlay(tmp_path: Path, body: dict) -> Path:
@@ -240,12 +241,13 @@ OWN_PATHS = {"paths": {"data": "d2", "runs": "d2/runs", "reports": "r2"}}
 
 
 def test_imagenet_profile_is_an_overlay_of_only_what_differs():
-    base = P.flatten({k: v for k, v in P.load(ROOT / "params.yaml").items() if not k.startswith("_")})
+    base = params_mod.flatten({k: v for k, v in params_mod.load(ROOT / "params.yaml").items() if not k.startswith("_")})
     raw = yaml.safe_load((ROOT / "configs" / "imagenet.yaml").read_text())
     assert raw.pop("extends") == "../params.yaml"
     tricks = raw.pop("tricks")  # a trick is replaced whole: compare whole tricks
-    same = [key for key, value in P.flatten(raw).items() if key in base and base[key] == value]
-    same += [f"tricks.{name}" for name, sets in tricks.items() if P.load(ROOT / "params.yaml")["tricks"][name] == sets]
+    same = [key for key, value in params_mod.flatten(raw).items() if key in base and base[key] == value]
+    base_tricks = params_mod.load(ROOT / "params.yaml")["tricks"]
+    same += [f"tricks.{name}" for name, sets in tricks.items() if base_tricks[name] == sets]
     assert set(same) <= {"study.seeds"}, f"configs/imagenet.yaml repeats params.yaml's value of {same}"
 
 
@@ -255,7 +257,7 @@ def test_overlay_inherits_every_base_key_and_replaces_recipes_whole(tmp_path):
                                "runs": {"teacher": {"set": {"model.depth": 50}}}})
     base_file = tmp_path / "base.yaml"
     base_file.write_text(base_file.read_text().replace("momentum: 0.9\n  nesterov", "momentum: 0.8\n  nesterov"))
-    params = P.load(path)
+    params = params_mod.load(path)
     assert params["train"]["epochs"] == 7 and params["train"]["momentum"] == 0.8  # a base edit reaches it
     assert params["tricks"]["mixup"] == {"train.mixup_alpha": 0.4}  # not merged with the base's epochs
     assert params["runs"]["teacher"]["set"] == {"model.depth": 50}
@@ -263,24 +265,26 @@ def test_overlay_inherits_every_base_key_and_replaces_recipes_whole(tmp_path):
 
 
 def test_overlay_errors_name_the_overlay(tmp_path):
-    with pytest.raises(P.ParamsError, match=r"overlay.yaml: unknown key 'train.epohcs'"):
-        P.load(_overlay(tmp_path, {**OWN_PATHS, "train": {"epohcs": 3}}))
-    with pytest.raises(P.ParamsError, match=r"overlay.yaml: key\(s\) \['paths.data', 'paths.runs', 'paths.reports'\]"):
-        P.load(_overlay(tmp_path, {"train": {"epochs": 3}}))
-    with pytest.raises(P.ParamsError, match=r"overlay.yaml: key\(s\) \['paths.reports'\] are the same"):
-        P.load(_overlay(tmp_path, {"paths": {"data": "d2", "runs": "d2/runs"}}))
+    with pytest.raises(params_mod.ParamsError, match=r"overlay.yaml: unknown key 'train.epohcs'"):
+        params_mod.load(_overlay(tmp_path, {**OWN_PATHS, "train": {"epohcs": 3}}))
+    same_paths = r"overlay.yaml: key\(s\) \['paths.data', 'paths.runs', 'paths.reports'\]"
+    with pytest.raises(params_mod.ParamsError, match=same_paths):
+        params_mod.load(_overlay(tmp_path, {"train": {"epochs": 3}}))
+    with pytest.raises(params_mod.ParamsError, match=r"overlay.yaml: key\(s\) \['paths.reports'\] are the same"):
+        params_mod.load(_overlay(tmp_path, {"paths": {"data": "d2", "runs": "d2/runs"}}))
     (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
-    with pytest.raises(P.ParamsError, match="cycle of profiles"):
-        P.load(tmp_path / "loop.yaml")
+    with pytest.raises(params_mod.ParamsError, match="cycle of profiles"):
+        params_mod.load(tmp_path / "loop.yaml")
     dup = _overlay(tmp_path, OWN_PATHS)
     dup.write_text(dup.read_text() + "train:\n  epochs: 3\n  epochs: 4\n")
-    with pytest.raises(P.ParamsError, match=r"overlay.yaml: line \d+: key 'epochs' is given twice"):
-        P.load(dup)
+    with pytest.raises(params_mod.ParamsError, match=r"overlay.yaml: line \d+: key 'epochs' is given twice"):
+        params_mod.load(dup)
 
 
 def test_transfer_seeds_must_be_trained_seeds_and_seeds_not_empty():
-    with pytest.raises(P.ParamsError, match=r"'study.transfer_seeds' has seed\(s\) \[5\] that are not in"):
-        P.load(ROOT / "params.yaml", ["study.transfer_seeds=[0, 5]"])
-    with pytest.raises(P.ParamsError, match="'study.seeds' is empty"):
-        P.load(ROOT / "params.yaml", ["study.seeds=[]", "study.transfer_seeds=[]"])
-    assert P.load(ROOT / "params.yaml", ["study.seeds=[3]", "study.transfer_seeds=[3]"])["study"]["seeds"] == [3]
+    with pytest.raises(params_mod.ParamsError, match=r"'study.transfer_seeds' has seed\(s\) \[5\] that are not in"):
+        params_mod.load(ROOT / "params.yaml", ["study.transfer_seeds=[0, 5]"])
+    with pytest.raises(params_mod.ParamsError, match="'study.seeds' is empty"):
+        params_mod.load(ROOT / "params.yaml", ["study.seeds=[]", "study.transfer_seeds=[]"])
+    params = params_mod.load(ROOT / "params.yaml", ["study.seeds=[3]", "study.transfer_seeds=[3]"])
+    assert params["study"]["seeds"] == [3]

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import write_micro_params
-from pipeline_src import params as P
+from pipeline_src import params as params_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -73,7 +73,7 @@ def test_whole_dag_ends_in_the_report(workspace):
     assert "micro" in md and "Table 4" in md and "Table 6" in md
     assert "Stale run seeds (other recipe than the params', never tabulated): 0." in md  # train and report agree
     assert "Machine (every finished run, from metrics.json): CPU " in md
-    params = P.load(workspace / "params.yaml")
+    params = params_mod.load(workspace / "params.yaml")
     for run in params["study"]["tables"] + params["study"]["distilled"] + [params["teacher"]["run"]]:
         assert (workspace / "data" / "runs" / run / "seed0" / "metrics.json").is_file(), run
 
@@ -145,10 +145,10 @@ def test_one_trick_change_reruns_the_same_jobs_in_snakemake_and_dvc(workspace):
     finally:
         params_file.write_text(original)
         _run([str(BIN / "dvc"), "repro", "-q", "plan"], workspace)
-    params = P.load(params_file)
+    params = params_mod.load(params_file)
     teacher = params["teacher"]["run"]
     using = {r for r in params["study"]["tables"] + params["study"]["distilled"] + [teacher]
-             if "label_smoothing" in P.resolve_run(params, r)["run"]["tricks"]}
+             if "label_smoothing" in params_mod.resolve_run(params, r)["run"]["tricks"]}
     assert using and "baseline" not in using
     trained = {re.search(r"run=([^,]+)", w).group(1) for rule, w in planned if rule == "train"}
     trained |= {teacher for rule, _ in planned if rule == "teacher"}
@@ -169,7 +169,7 @@ def test_a_code_edit_reruns_that_stage_in_snakemake_and_dvc(workspace):
         stale = _dvc_stale(workspace)
     finally:
         code.write_text(original)
-    params = P.load(workspace / "params.yaml")
+    params = params_mod.load(workspace / "params.yaml")
     expected = {("transfer_segmentation", f"{b}-{s}") for b in params["transfer"]["backbones"]
                 for s in params["study"]["seeds"]}
     assert _snakemake_as_dvc(planned, params) == expected | {("report", "")}

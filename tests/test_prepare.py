@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline_src import params as P
+from pipeline_src import params as params_mod
 from pipeline_src import prepare as prep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,14 +26,14 @@ RED, GREY, GREEN, BLUE = (255, 0, 0), (128, 128, 128), (0, 200, 0), (0, 0, 255)
 # ---------------------------------------------------------------- building folders
 
 
-def _colour(label: int, k: int) -> tuple[int, int, int]:
+def _color(label: int, k: int) -> tuple[int, int, int]:
     """A colour per (class, image) far enough from the others to identify each image after JPEG."""
     return 30 + 70 * label, 40 + 40 * k, 220 - 40 * k
 
 
-def _save(path: Path, colour, mode: str = "RGB", fmt: str = "JPEG") -> None:
+def _save(path: Path, color, mode: str = "RGB", fmt: str = "JPEG") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new(mode, (SIDE, SIDE), colour).save(path, format=fmt, quality=95)
+    Image.new(mode, (SIDE, SIDE), color).save(path, format=fmt, quality=95)
 
 
 def _noise(path: Path, seed: int) -> None:
@@ -57,22 +57,22 @@ def _plain(root: Path, train: int, val: int, wnids=WNIDS[:2]) -> Path:
     """Class folders of uniformly coloured JPEGs."""
     for label, wnid in enumerate(wnids):
         for k in range(train):
-            _save(root / "train" / wnid / f"img{k}.JPEG", _colour(label, k))
+            _save(root / "train" / wnid / f"img{k}.JPEG", _color(label, k))
         for k in range(val):
-            _save(root / "val" / wnid / f"img{k}.JPEG", _colour(label, k))
+            _save(root / "val" / wnid / f"img{k}.JPEG", _color(label, k))
     return root
 
 
 def _awkward_tree(root: Path) -> dict[str, list[tuple[int, tuple]]]:
     """Class folders with CMYK, grey, PNG-as-JPEG and RGBA images, dotfiles and non-images.
 
-    Returns split -> [(label, colour)] in the order prepare must write them.
+    Returns split -> [(label, color)] in the order prepare must write them.
     """
     expected: dict[str, list] = {"train": [], "val": []}
     for label, wnid in enumerate(WNIDS):
-        files = {f"img{k}.JPEG": _colour(label, k) for k in range(3)}
-        for name, colour in files.items():
-            _save(root / "train" / wnid / name, colour)
+        files = {f"img{k}.JPEG": _color(label, k) for k in range(3)}
+        for name, color in files.items():
+            _save(root / "train" / wnid / name, color)
         if label == 1:
             folder = root / "train" / wnid
             _save(folder / "cmyk.JPEG", (0, 255, 255, 0), mode="CMYK")
@@ -85,8 +85,8 @@ def _awkward_tree(root: Path) -> dict[str, list[tuple[int, tuple]]]:
         expected["train"] += [(label, files[name]) for name in sorted(files)]
         if label != 1:  # val need not hold every class
             for k in range(2):
-                _save(root / "val" / wnid / f"img{k}.JPEG", _colour(label, k))
-                expected["val"].append((label, _colour(label, k)))
+                _save(root / "val" / wnid / f"img{k}.JPEG", _color(label, k))
+                expected["val"].append((label, _color(label, k)))
     _junk(root / "train" / WNIDS[2] / "._img0.JPEG")  # macOS resource fork
     _junk(root / "train" / ".cache" / "x.JPEG")  # hidden folder, not a class
     _junk(root / "val" / ".DS_Store")
@@ -108,7 +108,7 @@ def _sets(data: Path, source: Path | None, *extra: str) -> list[str]:
 
 
 def _load(tmp_path: Path, data: Path, source: Path | None, *extra: str) -> dict:
-    return P.load(_params_file(tmp_path), _sets(data, source, *extra))
+    return params_mod.load(_params_file(tmp_path), _sets(data, source, *extra))
 
 
 def _argv(tmp_path: Path, data: Path, source: Path | None, *extra: str) -> list[str]:
@@ -179,16 +179,16 @@ def test_round_trip_labels_pixels_and_order(awkward):
         assert labels.tolist() == [label for label, _ in expected[split]]
         assert images.shape == (len(expected[split]), SIDE, SIDE, 3) and images.dtype == np.uint8
         means = images.reshape(len(images), -1, 3).mean(axis=1)
-        np.testing.assert_allclose(means, [colour for _, colour in expected[split]], atol=8)
+        np.testing.assert_allclose(means, [color for _, color in expected[split]], atol=8)
 
 
-def test_awkward_images_become_rgb_with_their_colour(awkward):
+def test_awkward_images_become_rgb_with_their_color(awkward):
     _, expected, decoded = awkward
     images, _ = decoded["train"]
     means = images.reshape(len(images), -1, 3).mean(axis=1)
-    for colour in (RED, GREY, GREEN, BLUE):  # CMYK, L, PNG named .JPEG, RGBA
-        index = [c for _, c in expected["train"]].index(colour)
-        assert np.abs(means[index] - colour).max() < 8, (colour, means[index])
+    for color in (RED, GREY, GREEN, BLUE):  # CMYK, L, PNG named .JPEG, RGBA
+        index = [c for _, c in expected["train"]].index(color)
+        assert np.abs(means[index] - color).max() < 8, (color, means[index])
 
 
 def test_classes_json_and_manifest(awkward):
@@ -200,7 +200,7 @@ def test_classes_json_and_manifest(awkward):
     assert manifest["splits"]["train"]["per_class"] == {WNIDS[0]: 3, WNIDS[1]: 7, WNIDS[2]: 3}
     assert manifest["splits"]["val"]["per_class"] == {WNIDS[0]: 2, WNIDS[1]: 0, WNIDS[2]: 2}
     assert manifest["sha256"] == {name: prep.sha256(betons / name) for name in prep.OUTPUTS}
-    defaults = P.load(ROOT / "params.yaml")
+    defaults = params_mod.load(ROOT / "params.yaml")
     assert manifest["settings"] == {**defaults["prepare"], "on_corrupt": "error"}
     assert manifest["skipped"] == []
     assert 0 < manifest["splits"]["train"]["jpeg_encoded"] < 13  # proportion mode mixes both
@@ -213,7 +213,7 @@ def test_classes_json_and_manifest(awkward):
 def test_flat_val_labelled_by_loc_val_solution(tmp_path):
     root = tmp_path / "imagenet"
     for label, wnid in enumerate(WNIDS[:2]):
-        _save(root / "train" / wnid / "a.JPEG", _colour(label, 0))
+        _save(root / "train" / wnid / "a.JPEG", _color(label, 0))
     val = {"ILSVRC2012_val_00000003": WNIDS[0], "ILSVRC2012_val_00000001": WNIDS[1],
            "ILSVRC2012_val_00000002": WNIDS[0]}
     for image_id in val:
@@ -365,7 +365,7 @@ def test_failure_while_writing_is_an_error_not_a_hang(tmp_path):
     good, bad = tmp_path / "good.JPEG", tmp_path / "bad.JPEG"
     _save(good, GREY)
     _junk(bad)
-    settings = P.load(ROOT / "params.yaml")["prepare"]
+    settings = params_mod.load(ROOT / "params.yaml")["prepare"]
     with pytest.raises(prep.PrepareError, match="bad.JPEG: writing failed"):
         items = [prep.Item(good, 0), prep.Item(bad, 1), prep.Item(good, 0)]
         prep.write_beton(tmp_path / "x.beton", items, settings)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline_src import params as P
+from pipeline_src import params as params_mod
 from pipeline_src.report import build, plots, tables
 from pipeline_src.report.paper import PaperNumbersError, PaperValue, load_paper_numbers, runs_named
 from pipeline_src.report.render import to_markdown
@@ -58,7 +58,7 @@ def _write_run(params: dict, run: str, top1: list, top5: list | None = None, sch
                machine: dict | None = MACHINE) -> None:
     """metrics.json and history.json as train.py writes them, with the recipe the params resolve the run
     to unless `recipe` is given (a stale run)."""
-    cfg = P.resolve_run(params, run)
+    run_params = params_mod.resolve_run(params, run)
     for seed, (t1, t5) in enumerate(zip(top1, top5 or [90.0] * len(top1))):
         if t1 is None:
             continue
@@ -66,7 +66,8 @@ def _write_run(params: dict, run: str, top1: list, top5: list | None = None, sch
         out.mkdir(parents=True)
         metrics = {"top1": t1, "top5": t5, "val_loss": 1.0, "train_loss": 1.5,
                    "images_per_s": 100.0 if run == "baseline" else 250.0, "wall_time_s": 4.0,
-                   "recipe": recipe or P.recipe_hash(cfg), "precision": precision or cfg["train"]["precision"]}
+                   "recipe": recipe or params_mod.recipe_hash(run_params),
+                   "precision": precision or run_params["train"]["precision"]}
         if machine is not None:
             metrics["machine"] = machine
         (out / "metrics.json").write_text(json.dumps(metrics))
@@ -75,9 +76,9 @@ def _write_run(params: dict, run: str, top1: list, top5: list | None = None, sch
 
 def _stale_recipe(params: dict, run: str) -> str:
     """The recipe of `run` trained with `--set train.epochs=2`: what an ad-hoc run records."""
-    cfg = P.resolve_run(params, run)
-    cfg["train"]["epochs"] = 2
-    return P.recipe_hash(cfg)
+    run_params = params_mod.resolve_run(params, run)
+    run_params["train"]["epochs"] = 2
+    return params_mod.recipe_hash(run_params)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def fake(tmp_path_factory):
     """Run outputs with hand-checkable numbers for three seeds; the rest of the runs is missing."""
     tmp_path = tmp_path_factory.mktemp("fake")
     path, sets = _params(tmp_path)
-    params = P.load(path, sets + ["study.transfer_seeds=[0, 1]"])  # fine-tunes for 2 of the 3 seeds
+    params = params_mod.load(path, sets + ["study.transfer_seeds=[0, 1]"])  # fine-tunes for 2 of the 3 seeds
     _write_run(params, "baseline", [70, 72, 74])  # 72 ± 2; top-5 90 ± 0
     # each seed 1.5 (±0.1) above the baseline's: paired, resolved; unpaired the ±2 spreads would swamp it
     _write_run(params, "t4-warmup", [71.5, 73.4, 75.6], [89, 89, 89])
@@ -189,14 +190,15 @@ def test_stale_runs_are_listed_and_never_tabulated(fake):
            "`t4-amp` (seed 0)." in note
     stale = _section(md, "## Stale results (left out of every table and figure)")
     runs = tmp_path / "runs"
-    assert f"`t4-amp` seed 0: trained with recipe {_stale_recipe(P.load(*_params(tmp_path)), 't4-amp')[:12]}" in stale
+    recipe = _stale_recipe(params_mod.load(*_params(tmp_path)), "t4-amp")
+    assert f"`t4-amp` seed 0: trained with recipe {recipe[:12]}" in stale
     assert f"To tabulate it, delete `{runs / 't4-amp' / 'seed0'}` and re-run `python -m pipeline_src.train " \
            "--run t4-amp --seed K" in stale and "for K = 0;" in stale
     assert "`t4-no-bias-decay` seeds 0, 1, 2: trained with recipe" in stale and "for K = 0, 1, 2;" in stale
     assert "Stale run seeds (other recipe than the params', never tabulated): 4." in md
     assert "Missing runs: `t4-no-bias-decay` (only stale seeds)." in note
-    params = P.load(*_params(tmp_path))
-    recipes = {n: P.recipe_hash(P.resolve_run(params, n)) for n in P.all_run_names(params)}
+    params = params_mod.load(*_params(tmp_path))
+    recipes = {n: params_mod.recipe_hash(params_mod.resolve_run(params, n)) for n in params_mod.all_run_names(params)}
     results = Results(runs, SEEDS, recipes, params["_source"])
     assert set(results.histories("t4-amp")) == {1, 2}  # the figures never see a stale seed
     assert set(results.run("t4-amp").stale) == {0} and results.run("t4-amp").missing_seeds == []
@@ -204,7 +206,7 @@ def test_stale_runs_are_listed_and_never_tabulated(fake):
 
 def test_one_seed_leaves_every_delta_unresolved(tmp_path):
     path, sets = _params(tmp_path, seeds=[0])
-    params = P.load(path, sets)
+    params = params_mod.load(path, sets)
     _write_run(params, "baseline", [70])
     _write_run(params, "t4-warmup", [75])
     md = build.build(params)["markdown"].read_text()
@@ -311,7 +313,7 @@ def test_rerun_gives_identical_files(fake):
     files = sorted(p for p in (tmp_path / "reports").rglob("*") if p.is_file())
     before = {p: p.read_bytes() for p in files}
     path, sets = _params(tmp_path)
-    build.build(P.load(path, sets + ["study.transfer_seeds=[0, 1]"]))
+    build.build(params_mod.load(path, sets + ["study.transfer_seeds=[0, 1]"]))
     assert sorted(p for p in (tmp_path / "reports").rglob("*") if p.is_file()) == files
     assert all(p.read_bytes() == data for p, data in before.items())
 
@@ -326,7 +328,7 @@ def test_zero_finished_runs_still_render_via_the_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "report: logged to MLflow run" in proc.stdout
     md = (tmp_path / "reports" / "report.md").read_text()
-    names = set(P.all_run_names(P.load(path, sets))) | set(runs_named(load_paper_numbers()))
+    names = set(params_mod.all_run_names(params_mod.load(path, sets))) | set(runs_named(load_paper_numbers()))
     assert f"Runs: 0 of {len(names)} finished for every seed" in md
     assert "`baseline` (no finished seed)" in md and "classes.json` not found" in md
     assert "Not drawn: no finished run has an `lr_curve`" in md
@@ -338,7 +340,7 @@ def test_malformed_metrics_is_a_clear_error(tmp_path, capsys):
     out = tmp_path / "runs" / "baseline" / "seed0"
     out.mkdir(parents=True)
     path, sets = _params(tmp_path, seeds=[0])
-    recipe = P.recipe_hash(P.resolve_run(P.load(path, sets), "baseline"))
+    recipe = params_mod.recipe_hash(params_mod.resolve_run(params_mod.load(path, sets), "baseline"))
     (out / "metrics.json").write_text(json.dumps({"top1": 70.0, "recipe": recipe}))
     assert build.main(["--params", str(path)] + [a for s in sets for a in ("--set", s)]) == 2
     err = capsys.readouterr().err
@@ -369,7 +371,7 @@ def test_paper_numbers_match_the_paper_tables():
     assert t9[2]["miou"] == PaperValue(39.33) and t9[2]["pixel_accuracy"] == PaperValue(79.25)
     assert t9[6]["miou"] == PaperValue(38.40, unverified=True) and t9[5]["pixel_accuracy"] == PaperValue(78.47)
     # every row reproduced by a run of today's params.yaml names a run that exists there
-    defined = set(P.all_run_names(P.load(ROOT / "params.yaml")))
+    defined = set(params_mod.all_run_names(params_mod.load(ROOT / "params.yaml")))
     named = {r["run"] for name in ("table4", "table5", "table6") for c in t[name]["columns"] for r in c["rows"]}
     assert named - {None} <= defined
 
@@ -401,7 +403,7 @@ def test_paper_numbers_file_errors_name_the_key(tmp_path):
 
 def test_malformed_history_is_a_clear_error(tmp_path, capsys):
     params_path, sets = _params(tmp_path, seeds=[0])
-    _write_run(P.load(params_path, sets), "baseline", [70.0])
+    _write_run(params_mod.load(params_path, sets), "baseline", [70.0])
     path = tmp_path / "runs" / "baseline" / "seed0" / "history.json"
     data = json.loads(path.read_text())
     data["lr_curve"] = [0.1, 0.2]
@@ -413,7 +415,7 @@ def test_malformed_history_is_a_clear_error(tmp_path, capsys):
 
 def test_malformed_machine_record_is_a_clear_error(tmp_path, capsys):
     params_path, sets = _params(tmp_path, seeds=[0])
-    _write_run(P.load(params_path, sets), "baseline", [70.0], machine="AMD")
+    _write_run(params_mod.load(params_path, sets), "baseline", [70.0], machine="AMD")
     assert build.main(["--params", str(params_path)] + [a for s in sets for a in ("--set", s)]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "runs" / "baseline" / "seed0" / "metrics.json") in err and "key 'machine'" in err
@@ -422,7 +424,7 @@ def test_malformed_machine_record_is_a_clear_error(tmp_path, capsys):
 def test_runs_near_chance_are_flagged_with_the_classes_chance(tmp_path):
     """10 classes: chance 10 %; 24.9 is within 15 points of it (flagged), 25.1 and the baseline are not."""
     path, sets = _params(tmp_path)
-    params = P.load(path, sets)
+    params = params_mod.load(path, sets)
     _write_run(params, "baseline", [60, 62, 64])
     _write_run(params, "t4-warmup", [24.8, 24.9, 25.0])
     _write_run(params, "t4-zero-gamma", [25.0, 25.1, 25.2])

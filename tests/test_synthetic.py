@@ -354,10 +354,10 @@ def test_objects_are_lit_against_darker_backgrounds():
     backgrounds, gaps, clutter = [], [], []
     for _ in range(300):
         _, base = synthetic._background(16, 16, rng)
-        colour, _ = synthetic._palette(rng, base)
+        color, _ = synthetic._palette(rng, base)
         backgrounds.append(synthetic.LUMA @ base)
-        gaps.append(synthetic.LUMA @ colour - synthetic.LUMA @ base)
-        clutter.append(synthetic.LUMA @ np.array(synthetic._random_colour(rng), float))
+        gaps.append(synthetic.LUMA @ color - synthetic.LUMA @ base)
+        clutter.append(synthetic.LUMA @ np.array(synthetic._random_color(rng), float))
     assert max(backgrounds) <= synthetic.BACKGROUND_LUMA + 1e-6 and min(backgrounds) < 0.3 * synthetic.BACKGROUND_LUMA
     assert min(gaps) >= synthetic.LUMA_GAP - 1e-6 and max(gaps) > synthetic.LUMA_GAP + 60
     assert max(clutter) <= synthetic.CLUTTER_LUMA + 1

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.models import resnet18, resnet50, resnet152
 
-from pipeline_src import params as P
+from pipeline_src import params as params_mod
 from pipeline_src.loader import make_val_loader
 from pipeline_src.models.resnet import ResNet
 from pipeline_src.models.torchvision_resnet import TorchvisionFormatError, convert, is_torchvision_resnet
@@ -49,8 +49,8 @@ def test_basic_block_resnets_are_refused_by_name():
 
 def test_teacher_stage_imports_a_torchvision_file(micro, tmp_path, capsys):
     sets = [f"paths.runs={tmp_path / 'runs'}", "model.depth=50", "model.variant=B", "model.width=1.0"]
-    cfg = P.resolve_run(P.load(micro, sets), "teacher")
-    wnids = json.loads((betons_dir(cfg) / "classes.json").read_text())["wnids"]
+    params = params_mod.resolve_run(params_mod.load(micro, sets), "teacher")
+    wnids = json.loads((betons_dir(params) / "classes.json").read_text())["wnids"]
     torch.manual_seed(0)
     theirs = _randomised(resnet50(weights=None, num_classes=len(wnids)))
     source = tmp_path / "resnet50.pth"
@@ -58,9 +58,9 @@ def test_teacher_stage_imports_a_torchvision_file(micro, tmp_path, capsys):
     argv = ["--params", str(micro), "--seed", "11", "--set", f"teacher.checkpoint={source}"]
     assert teacher_main(argv + [a for s in sets for a in ("--set", s)]) == 0
     assert "torchvision ResNet-50 state dict" in capsys.readouterr().out
-    metrics = json.loads((output_dir(cfg, "teacher", 11) / "metrics.json").read_text())
-    val = make_val_loader(betons_dir(cfg) / "val.beton", cfg, cfg["train"]["batch_size"], torch.device("cpu"))
-    expected = evaluate(theirs, val, cfg, torch.device("cpu"), "fp32", len(wnids))
+    metrics = json.loads((output_dir(params, "teacher", 11) / "metrics.json").read_text())
+    val = make_val_loader(betons_dir(params) / "val.beton", params, params["train"]["batch_size"], torch.device("cpu"))
+    expected = evaluate(theirs, val, params, torch.device("cpu"), "fp32", len(wnids))
     assert metrics["top1"] == pytest.approx(expected["top1"]) and metrics["val_loss"] == pytest.approx(expected["val_loss"])
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline_src import params as P
+from pipeline_src import params as params_mod
 from pipeline_src import tracking
 from pipeline_src.tracking import TrackingError
 
@@ -31,7 +31,7 @@ def _free_port() -> int:
 
 
 def _params(run: str, *sets: str) -> dict:
-    return P.resolve_run(P.load(PARAMS_FILE, list(sets)), run)
+    return params_mod.resolve_run(params_mod.load(PARAMS_FILE, list(sets)), run)
 
 
 @pytest.fixture(scope="module")
@@ -341,7 +341,7 @@ def test_final_model_is_an_artifact_that_loads_with_weights_only(tmp_path):
 
 def test_report_run_holds_the_figures_and_is_not_a_training_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    params = P.load(PARAMS_FILE, [f"tracking.uri={uri}"])
+    params = params_mod.load(PARAMS_FILE, [f"tracking.uri={uri}"])
     (tmp_path / "report.md").write_text("# report\n")
     (tmp_path / "val_top1.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     run_id = tracking.log_report(params, [tmp_path / "report.md", tmp_path / "val_top1.png"])
@@ -355,10 +355,10 @@ def test_report_run_holds_the_figures_and_is_not_a_training_run(tmp_path):
 
 
 def test_a_stage_other_than_training_logs_no_run_definitions():
-    params = P.load(PARAMS_FILE)
+    params = params_mod.load(PARAMS_FILE)
     logged = tracking.recipe_params(params)
     assert "transfer.detection.lr" in logged and "paths.runs" in logged
-    assert not [k for k in logged if k.split(".")[0] in (*tracking.RUN_DEFINITIONS, *P.RUN_SECTIONS)]
+    assert not [k for k in logged if k.split(".")[0] in (*tracking.RUN_DEFINITIONS, *params_mod.RUN_SECTIONS)]
     distilled = tracking.recipe_params(_params("t6-distill"))
     assert distilled["teacher.run"] == "teacher" and "distill.temperature" in distilled
     base = params["study"]["single_trick"]["base"]

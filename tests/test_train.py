@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline_src import params as P
+from pipeline_src import params as params_mod
 from pipeline_src.checkpoint import load_model_weights
 from pipeline_src.io import sha256
 from pipeline_src.models import build_model
@@ -30,7 +30,7 @@ def test_train_writes_outputs_logs_to_mlflow_and_skips_a_finished_run(micro, cap
     from mlflow.tracking import MlflowClient
 
     assert main(["--params", str(micro), "--run", "t4-amp", "--seed", "0"]) == 0
-    params = P.load(micro)
+    params = params_mod.load(micro)
     out = run_dir(params, "t4-amp", 0)
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"top1", "top5", "val_loss", "train_loss", "images_per_s", "wall_time_s"} <= set(metrics)
@@ -149,7 +149,7 @@ def test_sanity_lr_range_saves_a_plot_and_suggests_an_lr(micro, capsys):
 
     assert sanity(["lr-range", "--params", str(micro)]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    params = P.load(micro)
+    params = params_mod.load(micro)
     low, high = params["sanity"]["lr_range"]
     assert low <= report["suggested_lr"] <= high
     assert Path(report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -261,16 +261,16 @@ def _one_epoch(tmp_path: Path, loader: _Batches, *sets: str):
     from pipeline_src.tricks.lr_schedule import build_scheduler
     from tests.conftest import write_micro_params
 
-    cfg = P.resolve_run(P.load(write_micro_params(tmp_path), list(sets)), "baseline")
+    params = params_mod.resolve_run(params_mod.load(write_micro_params(tmp_path), list(sets)), "baseline")
     torch.manual_seed(0)
-    model = build_model(cfg["model"], 4)
-    optimizer = build_optimizer(model, cfg["train"], 0.01)
+    model = build_model(params["model"], 4)
+    optimizer = build_optimizer(model, params["train"], 0.01)
     scheduler = build_scheduler(optimizer, iters_per_epoch=len(loader), epochs=1, warmup_epochs=0,
                                 schedule="step", milestones=[1], gamma=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    batch_transform = build_batch_transform(cfg["train"], 4, torch.Generator().manual_seed(0))
-    return train_one_epoch(model, loader, build_criterion(None, cfg["distill"]), batch_transform, optimizer,
-                           scheduler, scaler, cfg, torch.device("cpu"), "fp32", 0)
+    batch_transform = build_batch_transform(params["train"], 4, torch.Generator().manual_seed(0))
+    return train_one_epoch(model, loader, build_criterion(None, params["distill"]), batch_transform, optimizer,
+                           scheduler, scaler, params, torch.device("cpu"), "fp32", 0)
 
 
 def test_nan_is_caught_within_the_check_window_and_names_its_step(tmp_path):
@@ -320,9 +320,9 @@ def test_sanity_geometry_shows_how_little_of_a_small_input_zero_gamma_resnet_a_s
 
     reach = {}
     for variant, stride in (("A", 4), ("A", 1), ("D", 4)):
-        cfg = P.resolve_run(P.load(micro, ["loader.res=32", "model.zero_gamma=true", f"model.variant={variant}",
-                                           f"model.stem_stride={stride}"]), "baseline")
-        result = geometry(cfg, seed=0)
+        sets = ["loader.res=32", "model.zero_gamma=true", f"model.variant={variant}", f"model.stem_stride={stride}"]
+        params = params_mod.resolve_run(params_mod.load(micro, sets), "baseline")
+        result = geometry(params, seed=0)
         reach[variant, stride] = result["input_reach"]
         assert result["stage_sides"]["layer4"] == {4: 1, 1: 4}[stride]
     assert reach["A", 4] < 0.1 < reach["A", 1] < 1.0 == reach["D", 4]

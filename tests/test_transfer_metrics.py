@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_src import params as P
+from pipeline_src import params as params_mod
 from pipeline_src.report.paper import load_paper_numbers
 from pipeline_src.report.results import Results
 from pipeline_src.report.tables import transfer_table
@@ -246,7 +246,7 @@ def test_table9_names_the_miou_convention_it_reports(tmp_path):
 
 def test_params_accept_exactly_the_ap_metrics():
     for metric in AP_METRICS:
-        params = P.load(REPO / "params.yaml", [f"transfer.detection.metric={metric}"])
+        params = params_mod.load(REPO / "params.yaml", [f"transfer.detection.metric={metric}"])
         assert params["transfer"]["detection"]["metric"] == metric
-    with pytest.raises(P.ParamsError, match="transfer.detection.metric"):
-        P.load(REPO / "params.yaml", ["transfer.detection.metric=coco"])
+    with pytest.raises(params_mod.ParamsError, match="transfer.detection.metric"):
+        params_mod.load(REPO / "params.yaml", ["transfer.detection.metric=coco"])

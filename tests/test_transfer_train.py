@@ -12,9 +12,9 @@ from torch import nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from pipeline_src import checkpoint, params as P, synthetic
+from pipeline_src import checkpoint, params as params_mod, synthetic
 from pipeline_src.models import build_model
-from pipeline_src.transfer import ade20k, backbone as bb, detection, segmentation
+from pipeline_src.transfer import ade20k, backbone as backbone_mod, detection, segmentation
 from pipeline_src.transfer import train_detection, train_segmentation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,18 +51,18 @@ def env(tmp_path_factory):
     """Params pointing at a tmp tree with tiny embedded VOC and ADE20K and a backbone checkpoint."""
     root = tmp_path_factory.mktemp("transfer")
     sets = _sets(root)
-    params = P.load(REPO / "params.yaml", sets)
+    params = params_mod.load(REPO / "params.yaml", sets)
     synthetic.generate_voc(root / "data" / "synthetic", params["synthetic"])
     synthetic.generate_ade20k(root / "data" / "synthetic", params["synthetic"])
-    model_cfg = P.resolve_run(params, BACKBONE)["model"]
-    state = _save_backbone(bb.checkpoint_path(params, BACKBONE, 0), model_cfg, CLASSES)
-    (bb.checkpoint_path(params, BACKBONE, 0).with_name("metrics.json")).write_text('{"top1": 42.5}')
+    model_cfg = params_mod.resolve_run(params, BACKBONE)["model"]
+    state = _save_backbone(backbone_mod.checkpoint_path(params, BACKBONE, 0), model_cfg, CLASSES)
+    (backbone_mod.checkpoint_path(params, BACKBONE, 0).with_name("metrics.json")).write_text('{"top1": 42.5}')
     return {"root": root, "sets": sets, "params": params, "model_cfg": model_cfg, "state": state}
 
 
 def test_load_backbone_keeps_the_checkpoint_weights(env):
-    path = bb.checkpoint_path(env["params"], BACKBONE, 0)
-    trunk, meta = bb.load_backbone(path, env["model_cfg"])
+    path = backbone_mod.checkpoint_path(env["params"], BACKBONE, 0)
+    trunk, meta = backbone_mod.load_backbone(path, env["model_cfg"])
     assert meta["model"] == env["model_cfg"] and meta["num_classes"] == CLASSES
     assert isinstance(trunk.fc, nn.Identity)
     got = trunk.state_dict()
@@ -70,51 +70,53 @@ def test_load_backbone_keeps_the_checkpoint_weights(env):
     assert set(got) == set(expected)
     assert all(torch.equal(got[k], v) for k, v in expected.items())
     # dilation changes strides, not weights
-    dilated, _ = bb.load_backbone(path, env["model_cfg"], bb.DILATION[8])
+    dilated, _ = backbone_mod.load_backbone(path, env["model_cfg"], backbone_mod.DILATION[8])
     assert all(torch.equal(dilated.state_dict()[k], v) for k, v in expected.items())
     # a task's stem_stride changes the stem's downsampling, not its weights, and the meta says which
     assert env["model_cfg"]["stem_stride"] != 4
-    strided, strided_meta = bb.load_backbone(path, env["model_cfg"], stem_stride=4)
+    strided, strided_meta = backbone_mod.load_backbone(path, env["model_cfg"], stem_stride=4)
     assert strided_meta["model"] == {**env["model_cfg"], "stem_stride": 4} and hasattr(strided.stem, "pool")
     assert all(torch.equal(strided.state_dict()[k], v) for k, v in expected.items())
 
 
 def test_load_backbone_refuses_another_architecture(env, tmp_path):
-    path = bb.checkpoint_path(env["params"], BACKBONE, 0)
+    path = backbone_mod.checkpoint_path(env["params"], BACKBONE, 0)
     width = env["model_cfg"]["width"]
-    with pytest.raises(bb.TransferError, match=rf"{path}.*width: checkpoint {width}, params 0.5.*stale"):
-        bb.load_backbone(path, {**env["model_cfg"], "width": 0.5})
-    with pytest.raises(bb.TransferError, match=r"variant: checkpoint 'D', params 'B'"):
-        bb.load_backbone(path, {**env["model_cfg"], "variant": "B"})
+    with pytest.raises(backbone_mod.TransferError, match=rf"{path}.*width: checkpoint {width}, params 0.5.*stale"):
+        backbone_mod.load_backbone(path, {**env["model_cfg"], "width": 0.5})
+    with pytest.raises(backbone_mod.TransferError, match=r"variant: checkpoint 'D', params 'B'"):
+        backbone_mod.load_backbone(path, {**env["model_cfg"], "variant": "B"})
 
     # weights of a wider network under a meta that claims width 0.25
     wrong = tmp_path / "wrong.pt"
     wide = build_model({**env["model_cfg"], "width": 0.5}, CLASSES)
     checkpoint.save_final_model(wrong, wide.state_dict(), {
         "model": env["model_cfg"], "num_classes": CLASSES, "wnids": synthetic.wnids(CLASSES)})
-    with pytest.raises(bb.TransferError, match=rf"{wrong}: the weights do not fit the ResNet.*size mismatch"):
-        bb.load_backbone(wrong)
+    with pytest.raises(backbone_mod.TransferError, match=rf"{wrong}: the weights do not fit the ResNet.*size mismatch"):
+        backbone_mod.load_backbone(wrong)
 
     other = tmp_path / "mobilenet.pt"
     mobile_cfg = {**env["model_cfg"], "arch": "mobilenet_v2"}
     _save_backbone(other, mobile_cfg, CLASSES)
-    with pytest.raises(bb.TransferError, match=rf"{other}: a mobilenet_v2 checkpoint.*ResNet backbone"):
-        bb.load_backbone(other)
+    with pytest.raises(backbone_mod.TransferError, match=rf"{other}: a mobilenet_v2 checkpoint.*ResNet backbone"):
+        backbone_mod.load_backbone(other)
 
 
 def test_check_backbone_run_names_the_problem(env):
-    with pytest.raises(bb.TransferError, match="'no-such-run' is not a run.*transfer.backbones"):
-        bb.check_backbone_run(env["params"], "no-such-run", 0)
+    with pytest.raises(backbone_mod.TransferError, match="'no-such-run' is not a run.*transfer.backbones"):
+        backbone_mod.check_backbone_run(env["params"], "no-such-run", 0)
     not_trained = r"seed7/model.pt: backbone checkpoint not found.*--run t5-resnet-d --seed 7"
-    with pytest.raises(bb.TransferError, match=not_trained):
-        bb.check_backbone_run(env["params"], BACKBONE, 7)
-    assert bb.check_backbone_run(env["params"], BACKBONE, 0) == bb.checkpoint_path(env["params"], BACKBONE, 0)
+    with pytest.raises(backbone_mod.TransferError, match=not_trained):
+        backbone_mod.check_backbone_run(env["params"], BACKBONE, 7)
+    assert backbone_mod.check_backbone_run(env["params"], BACKBONE, 0) \
+        == backbone_mod.checkpoint_path(env["params"], BACKBONE, 0)
 
 
 def _detector(env, style: str, **changes):
     cfg = {**env["params"]["transfer"]["detection"], "style": style, **changes}
-    trunk, _ = bb.load_backbone(bb.checkpoint_path(env["params"], BACKBONE, 0), stem_stride=cfg["stem_stride"])
-    mean, std = bb.normalization(env["params"], BACKBONE)
+    trunk, _ = backbone_mod.load_backbone(backbone_mod.checkpoint_path(env["params"], BACKBONE, 0),
+                                          stem_stride=cfg["stem_stride"])
+    mean, std = backbone_mod.normalization(env["params"], BACKBONE)
     return trunk, detection.build_faster_rcnn(trunk, CLASSES, cfg, mean, std)
 
 
@@ -206,8 +208,9 @@ def test_detector_takes_anchors_sampling_and_frozen_stages_from_params(env, styl
 
 @pytest.mark.parametrize("stride", [8, 16])
 def test_fcn_output_stride_and_logits_at_input_size(env, stride):
-    trunk, _ = bb.load_backbone(bb.checkpoint_path(env["params"], BACKBONE, 0), None, bb.DILATION[stride],
-                                stem_stride=env["params"]["transfer"]["segmentation"]["stem_stride"])
+    trunk, _ = backbone_mod.load_backbone(backbone_mod.checkpoint_path(env["params"], BACKBONE, 0), None,
+                                          backbone_mod.DILATION[stride],
+                                          stem_stride=env["params"]["transfer"]["segmentation"]["stem_stride"])
     model = segmentation.build_fcn(trunk, CLASSES, aux_loss=True).eval()
     x = torch.zeros(1, 3, 64, 96)
     with torch.no_grad():
@@ -268,7 +271,7 @@ def test_detection_stage_end_to_end_and_skip(env, capsys):
     for s in env["sets"]:
         argv += ["--set", s]
     assert train_detection.main(argv) == 0
-    out = bb.result_dir(env["params"], "detection", BACKBONE, 0)
+    out = backbone_mod.result_dir(env["params"], "detection", BACKBONE, 0)
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"map", "ap", "backbone", "backbone_top1", "metric", "wall_time_s"} <= set(metrics)
     assert metrics["backbone"] == BACKBONE and metrics["backbone_top1"] == 42.5 and metrics["metric"] == "voc07"
@@ -294,7 +297,7 @@ def test_detection_stage_end_to_end_and_skip(env, capsys):
 def test_segmentation_stage_end_to_end_and_skip(env, capsys):
     params = env["params"]
     metrics = train_segmentation.run(params, BACKBONE, 0)
-    out = bb.result_dir(params, "segmentation", BACKBONE, 0)
+    out = backbone_mod.result_dir(params, "segmentation", BACKBONE, 0)
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert {"pixel_accuracy", "miou", "miou_present", "backbone", "backbone_top1", "wall_time_s"} <= set(metrics)
     assert 0.0 <= metrics["miou"] <= metrics["miou_present"] <= 100.0 and 0.0 <= metrics["pixel_accuracy"] <= 100.0
@@ -313,10 +316,10 @@ def test_segmentation_stage_end_to_end_and_skip(env, capsys):
     assert "already finished with these params, skipping" in capsys.readouterr().out
     assert (out / "model.pt").stat().st_mtime_ns == stamp
     # Other fine-tune settings, or another backbone recipe, are not this result: it is not skipped.
-    assert bb.finished_metrics(P.load(REPO / "params.yaml", [*env["sets"], "transfer.segmentation.lr=0.5"]),
-                               "segmentation", BACKBONE, 0) is None
-    assert bb.finished_metrics(P.load(REPO / "params.yaml", [*env["sets"], "model.init=kaiming"]),
-                               "segmentation", BACKBONE, 0) is None
+    other_lr = params_mod.load(REPO / "params.yaml", [*env["sets"], "transfer.segmentation.lr=0.5"])
+    assert backbone_mod.finished_metrics(other_lr, "segmentation", BACKBONE, 0) is None
+    assert backbone_mod.finished_metrics(params_mod.load(REPO / "params.yaml", [*env["sets"], "model.init=kaiming"]),
+                                         "segmentation", BACKBONE, 0) is None
 
 
 def test_stage_cli_reports_a_missing_backbone(env, capsys):

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from pipeline_src import graph as G
-from pipeline_src import params as P
+from pipeline_src import graph
+from pipeline_src import params as params_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -62,7 +62,7 @@ def dvc_stages(root: Path = ROOT, dvc_file: str | None = None) -> dict[str, tupl
 
 
 def test_dvc_yaml_is_what_the_graph_generates():
-    assert (ROOT / "dvc.yaml").read_text() == G.render(root=ROOT), (
+    assert (ROOT / "dvc.yaml").read_text() == graph.render(root=ROOT), (
         "dvc.yaml is not what `python -m pipeline_src.graph --out dvc.yaml` writes; regenerate it"
     )
 
@@ -70,10 +70,10 @@ def test_dvc_yaml_is_what_the_graph_generates():
 def _assert_one_graph(jobs: list, dvc: dict[str, tuple[str, set[str]]], params: dict) -> None:
     """Each Snakemake job is a DVC stage with the same outputs, its inputs + its stage's code as
     deps, and a plan file holding exactly the job's settings."""
-    plans = G.plan_files(params)
+    plans = graph.plan_files(params)
     smk = {out: job for job in jobs for out in job.output}
-    code = {stage: set(G.stage_code(ROOT, stage)) for stage in G.STAGE_MODULES}
-    hashes = {stage: G.code_hash(ROOT, stage) for stage in G.STAGE_MODULES}
+    code = {stage: set(graph.stage_code(ROOT, stage)) for stage in graph.STAGE_MODULES}
+    hashes = {stage: graph.code_hash(ROOT, stage) for stage in graph.STAGE_MODULES}
     assert set(smk) == set(dvc) - set(plans), (
         f"only in the Snakefile: {sorted(set(smk) - set(dvc))}; "
         f"only in dvc.yaml: {sorted(set(dvc) - set(smk) - set(plans))}"
@@ -89,7 +89,7 @@ def _assert_one_graph(jobs: list, dvc: dict[str, tuple[str, set[str]]], params: 
 
 
 def test_snakemake_and_dvc_run_the_same_jobs_on_the_same_inputs_settings_and_code(jobs):
-    _assert_one_graph(jobs, dvc_stages(), P.load(ROOT / "params.yaml"))
+    _assert_one_graph(jobs, dvc_stages(), params_mod.load(ROOT / "params.yaml"))
 
 
 def test_every_job_has_the_project_env_a_log_and_training_a_benchmark(jobs):
@@ -169,7 +169,7 @@ def test_env_pip_section_alone_covers_what_the_stages_import(tmp_path):
     owners = md.packages_distributions()
     imported = set()
     for path in (ROOT / "pipeline_src").rglob("*.py"):
-        for node in ast.walk(G.parse_module(path)):
+        for node in ast.walk(graph.parse_module(path)):
             if isinstance(node, ast.Import):
                 imported |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
@@ -182,14 +182,14 @@ def test_env_pip_section_alone_covers_what_the_stages_import(tmp_path):
 
 def test_stage_code_follows_imports_and_its_hash_moves_only_with_that_code(tmp_path):
     shutil.copytree(ROOT / "pipeline_src", tmp_path / "pipeline_src", ignore=shutil.ignore_patterns("__pycache__"))
-    seg = G.stage_code(tmp_path, "transfer_segmentation")
+    seg = graph.stage_code(tmp_path, "transfer_segmentation")
     assert "pipeline_src/transfer/segmentation.py" in seg and "pipeline_src/models/resnet.py" in seg
     assert "pipeline_src/train.py" not in seg and "pipeline_src/report/build.py" not in seg
-    assert "pipeline_src/report/paper_numbers.yaml" in G.stage_code(tmp_path, "report")  # package data
-    before = {stage: G.code_hash(tmp_path, stage) for stage in G.STAGE_MODULES}
+    assert "pipeline_src/report/paper_numbers.yaml" in graph.stage_code(tmp_path, "report")  # package data
+    before = {stage: graph.code_hash(tmp_path, stage) for stage in graph.STAGE_MODULES}
     with (tmp_path / "pipeline_src" / "models" / "resnet.py").open("a") as fh:
         fh.write("\n# an edit\n")
-    after = {stage: G.code_hash(tmp_path, stage) for stage in G.STAGE_MODULES}
+    after = {stage: graph.code_hash(tmp_path, stage) for stage in graph.STAGE_MODULES}
     changed = {stage for stage in before if before[stage] != after[stage]}
     assert changed == {"train", "teacher", "transfer_detection", "transfer_segmentation"}
 
@@ -205,26 +205,26 @@ def test_imagenet_overlay_is_selectable_in_snakemake_and_dvc_with_its_own_roots(
     for name in ("params.yaml", "configs", "pipeline_src"):
         (tmp_path / name).symlink_to(ROOT / name)
     subprocess.run([BIN / "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
-    out = G.dvc_file("configs/imagenet.yaml")
+    out = graph.dvc_file("configs/imagenet.yaml")
     (tmp_path / out).parent.mkdir(parents=True)
-    (tmp_path / out).write_text(G.render("configs/imagenet.yaml", out, root=tmp_path))
+    (tmp_path / out).write_text(graph.render("configs/imagenet.yaml", out, root=tmp_path))
     stages = dvc_stages(tmp_path, out)
     assert "data/imagenet/plan/runs/efficient.json" in stages
     assert "data/imagenet/runs/efficient/seed0/model.pt" in stages
     assert "configs/imagenet.yaml" in stages["data/imagenet/plan/runs/efficient.json"][1]  # overlay + base
     assert "params.yaml" in stages["data/imagenet/plan/runs/efficient.json"][1]
     assert all(path.startswith(("data/imagenet/", "reports/imagenet/")) for path in stages)
-    _assert_one_graph(jobs, stages, P.load(ROOT / "configs" / "imagenet.yaml"))
+    _assert_one_graph(jobs, stages, params_mod.load(ROOT / "configs" / "imagenet.yaml"))
 
 
 def test_plan_rewrites_only_the_files_of_jobs_whose_settings_changed(tmp_path):
     from pipeline_src.plan import write_plan
 
-    params = P.load(ROOT / "params.yaml", [f"paths.data={tmp_path / 'data'}"])
-    assert len(write_plan(params)) == len(G.plan_files(params))
+    params = params_mod.load(ROOT / "params.yaml", [f"paths.data={tmp_path / 'data'}"])
+    assert len(write_plan(params)) == len(graph.plan_files(params))
     assert write_plan(params) == []
     params["tricks"]["mixup"]["train.mixup_alpha"] = 0.3
-    using = {G.plan_file(params, "train", run) for run in P.all_run_names(params)
-             if "mixup" in P.resolve_run(params, run)["run"]["tricks"]}
-    assert "loo-mixup" not in str(using) and G.plan_file(params, "train", "t6-mixup") in using
+    using = {graph.plan_file(params, "train", run) for run in params_mod.all_run_names(params)
+             if "mixup" in params_mod.resolve_run(params, run)["run"]["tricks"]}
+    assert "loo-mixup" not in str(using) and graph.plan_file(params, "train", "t6-mixup") in using
     assert set(write_plan(params)) == using

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pipeline_src import params as P
+from pipeline_src import params as params_mod
 from pipeline_src.engine import EngineInputError, pick_device
 
 from .pipelines import LoaderError, make_train_loader, make_val_loader, measure_throughput
@@ -17,7 +17,7 @@ from .pipelines import LoaderError, make_train_loader, make_val_loader, measure_
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    P.add_arguments(parser)
+    params_mod.add_arguments(parser)
     parser.add_argument("--beton", type=Path, required=True, help="a beton written by the prepare stage")
     parser.add_argument("--split", choices=["train", "val"], default="train")
     parser.add_argument("--batches", type=int, default=None, help="stop after N batches (default: whole epochs)")
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        params = P.from_args(args)
+        params = params_mod.from_args(args)
         device = pick_device(params)
         batch = params["train"]["batch_size"]
         if args.split == "train":
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             loader = make_val_loader(args.beton, params, batch, device)
         stats = measure_throughput(loader, args.batches, args.epochs)
-    except (P.ParamsError, LoaderError, EngineInputError) as exc:
+    except (params_mod.ParamsError, LoaderError, EngineInputError) as exc:
         raise SystemExit(f"error: {exc}") from exc
     result = {"beton": str(args.beton), "split": args.split, "device": str(device), "batch_size": batch, **stats}
     print(json.dumps(result))

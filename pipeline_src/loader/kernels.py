@@ -110,7 +110,7 @@ def _load_row(src_row, row, mirror):
 
 
 @njit(fastmath=True, cache=True)
-def _colour_step(row, mk, offset):
+def _color_step(row, mk, offset):
     """One jitter step on a planar row of float32 pixels, as `apply_color_steps` does on the image."""
     m00, m01, m02 = mk[0, 0], mk[0, 1], mk[0, 2]
     m10, m11, m12 = mk[1, 0], mk[1, 1], mk[1, 2]
@@ -146,7 +146,7 @@ def fused_augment(src, dst, mirror, m, beta, steps, shift, lighting, mean, inv_s
             for y in range(h):
                 _load_row(src[y], row, False)
                 for q in range(k):
-                    _colour_step(row, mf[q], offsets[q])
+                    _color_step(row, mf[q], offsets[q])
                 for p in range(w):
                     total += g0 * row[0, p] + g1 * row[1, p] + g2 * row[2, p]
             offsets[k] = np.float32(beta[k] * total / (h * w))
@@ -157,7 +157,7 @@ def fused_augment(src, dst, mirror, m, beta, steps, shift, lighting, mean, inv_s
     for y in range(h):
         _load_row(src[y], row, mirror)
         for q in range(steps):
-            _colour_step(row, mf[q], offsets[q])
+            _color_step(row, mf[q], offsets[q])
         out = dst[y]
         if lighting:
             for p in range(w):

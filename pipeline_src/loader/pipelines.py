@@ -107,13 +107,13 @@ def image_pipeline(decoder, worker_ops: list, device: torch.device, channels_las
     return PipelineSpec("image", decoder=decoder, transforms=transforms)
 
 
-def train_ops(aug: Augment, state: EpochState, colour_in_workers: bool) -> tuple[FusedAugment | None, list]:
+def train_ops(aug: Augment, state: EpochState, color_in_workers: bool) -> tuple[FusedAugment | None, list]:
     """(fused, ops): what runs in the workers after the crop is drawn and resized.
 
     CPU path: flip, jitter, lighting and normalize as one `FusedAugment`, which the decoder runs on
     each crop, and no pipeline ops. Device path: no fused pass, the flip as a pipeline op (if on).
     """
-    if colour_in_workers:
+    if color_in_workers:
         return FusedAugment(aug.flip, aug.strengths, aug.lighting_std, aug.mean, aug.std), []
     return None, [SeededFlip(state)] if aug.flip else []
 
@@ -228,11 +228,11 @@ def _stop(it) -> None:
 
 
 def make_train_loader(beton: Path, params: dict, batch_size: int, seed: int, device: torch.device,
-                      distributed: bool = False, colour_on_device: bool | None = None) -> FastLoader:
+                      distributed: bool = False, color_on_device: bool | None = None) -> FastLoader:
     """Train batches: random-resized crop at loader.res, flip, colour jitter, PCA lighting, normalize.
 
     `batch_size` is per process (global batch // world size under DDP); with distributed=True each
-    rank reads its shard (ffcv uses torch.distributed's rank and world size). `colour_on_device`
+    rank reads its shard (ffcv uses torch.distributed's rank and world size). `color_on_device`
     picks the path (default: torch ops on CUDA devices, numba ops in the workers on CPU). JPEGs are
     decoded at up to 1 / loader.max_decode_scale of their size when the crop allows, and only the
     crop's region where the crop library is built (`decoders`).
@@ -242,7 +242,7 @@ def make_train_loader(beton: Path, params: dict, batch_size: int, seed: int, dev
     cfg, aug = params["loader"], Augment.from_params(params)
     channels_last = params["train"]["channels_last"]
     state = EpochState(seed)
-    in_workers = device.type == "cpu" if colour_on_device is None else not colour_on_device
+    in_workers = device.type == "cpu" if color_on_device is None else not color_on_device
     res = cfg["res"]
     fused, worker_ops = train_ops(aug, state, in_workers)
     # the fused augmentation is no pipeline op: the decoder runs it on each crop while it is in cache

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from pipeline_src import params as P, tracking
+from pipeline_src import params as params_mod, tracking
 from pipeline_src.errors import run_main
 from pipeline_src.io import write_text
 from pipeline_src.report import plots, tables
@@ -300,8 +300,8 @@ def notes(paper: dict) -> list[Block]:
 def build(params: dict) -> dict[str, Path]:
     """Write report.md, report.html and the figures; returns their paths."""
     paper = load_paper_numbers()
-    resolved = {n: P.resolve_run(params, n) for n in P.all_run_names(params)}
-    recipes = {n: P.recipe_hash(cfg) for n, cfg in resolved.items()}
+    resolved = {n: params_mod.resolve_run(params, n) for n in params_mod.all_run_names(params)}
+    recipes = {n: params_mod.recipe_hash(run_params) for n, run_params in resolved.items()}
     study = params["study"]
     results = Results(params["paths"]["runs"], study["seeds"], recipes, params["_source"],
                       transfer_seeds=study["transfer_seeds"],
@@ -339,11 +339,11 @@ def build(params: dict) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    P.add_arguments(parser)
+    params_mod.add_arguments(parser)
     args = parser.parse_args(argv)
 
     def body() -> None:
-        params = P.from_args(args)
+        params = params_mod.from_args(args)
         written = build(params)
         for path in written.values():
             print(f"report: wrote {path}")

@@ -23,7 +23,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from pipeline_src import checkpoint
 from pipeline_src.errors import DIVERGED, InputError, run_main
 from pipeline_src.io import read_json, sha256
-from pipeline_src import params as P
+from pipeline_src import params as params_mod
 from pipeline_src.models.resnet import ResNet
 from pipeline_src.run_folders import run_dir
 
@@ -47,7 +47,7 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     """`--backbone RUN --seed K` plus the `--params` / `--set` options of every stage."""
     parser.add_argument("--backbone", required=True, help="the classification run to fine-tune, e.g. t5-resnet-d")
     parser.add_argument("--seed", type=int, default=None, help="default: the first of study.seeds")
-    P.add_arguments(parser)
+    params_mod.add_arguments(parser)
 
 
 def stage_main(argv: list[str] | None, stage: str, description: str, run: Callable[[dict, str, int], dict]) -> int:
@@ -57,7 +57,7 @@ def stage_main(argv: list[str] | None, stage: str, description: str, run: Callab
     args = parser.parse_args(argv)
 
     def body() -> None:
-        params = P.from_args(args)
+        params = params_mod.from_args(args)
         try:
             run(params, args.backbone, params["study"]["seeds"][0] if args.seed is None else args.seed)
         except FloatingPointError as exc:  # a diverged fine-tune; its MLflow run is marked FAILED
@@ -89,7 +89,7 @@ def transfer_recipe(params: dict, task: str, run: str, seed: int) -> str:
     parts = {
         "task": task,
         "settings": params["transfer"][task],
-        "backbone_recipe": P.recipe_of(P.resolve_run(params, run)),
+        "backbone_recipe": params_mod.recipe_of(params_mod.resolve_run(params, run)),
         "backbone_sha256": sha256(backbone) if backbone.is_file() else None,
         "data": params["data"][data_key] or params["synthetic"],
     }
@@ -113,7 +113,7 @@ def stamped(params: dict, task: str, run: str, seed: int, metrics: dict) -> dict
 
 def check_backbone_run(params: dict, run: str, seed: int) -> Path:
     """The checkpoint of a backbone run, or a clear error when the run is unknown or not trained."""
-    if run not in P.all_run_names(params):
+    if run not in params_mod.all_run_names(params):
         raise TransferError(
             f"backbone '{run}' is not a run of {params['_source']}; transfer.backbones lists "
             f"{params['transfer']['backbones']}"
@@ -148,7 +148,7 @@ def backbone_top1(params: dict, run: str, seed: int) -> float | None:
 
 def normalization(params: dict, run: str) -> tuple[list[float], list[float]]:
     """The backbone run's input mean and std, rescaled to images in [0, 1] as the transfer readers give."""
-    augment = P.resolve_run(params, run)["augment"]
+    augment = params_mod.resolve_run(params, run)["augment"]
     return [m / 255.0 for m in augment["mean"]], [s / 255.0 for s in augment["std"]]
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from pipeline_src import checkpoint, tracking
 from pipeline_src.engine import pick_device
 from pipeline_src.io import write_json
-from pipeline_src.transfer import backbone as bb
+from pipeline_src.transfer import backbone as backbone_mod
 
 
 @dataclass(frozen=True)
@@ -38,14 +38,14 @@ def run(params: dict, task: str, backbone: str, seed: int, build: Builder) -> di
     """Fine-tune `backbone` for `task` (or skip when finished) and return the metrics of metrics.json.
 
     `build(params, backbone, seed, checkpoint, device)` runs after the global RNGs are seeded."""
-    out = bb.result_dir(params, task, backbone, seed)
-    finished = bb.finished_metrics(params, task, backbone, seed)
+    out = backbone_mod.result_dir(params, task, backbone, seed)
+    finished = backbone_mod.finished_metrics(params, task, backbone, seed)
     if finished is not None:
         return finished
     start = time.perf_counter()
     epochs = params["transfer"][task]["epochs"]
-    ckpt = bb.check_backbone_run(params, backbone, seed)
-    bb.seed_all(seed)
+    ckpt = backbone_mod.check_backbone_run(params, backbone, seed)
+    backbone_mod.seed_all(seed)
     job = build(params, backbone, seed, ckpt, pick_device(params))
     run_name = f"transfer-{task}/{backbone}"
     tags = {"task": task, "backbone": backbone, **job.tags, "backbone_checkpoint": str(ckpt)}
@@ -59,13 +59,13 @@ def run(params: dict, task: str, backbone: str, seed: int, build: Builder) -> di
         metrics = {
             **job.evaluate(),
             "backbone": backbone,
-            "backbone_top1": bb.backbone_top1(params, backbone, seed),
+            "backbone_top1": backbone_mod.backbone_top1(params, backbone, seed),
             "train_loss": stats["loss"],
             "wall_time_s": time.perf_counter() - start,
         }
         meta = {"run": run_name, "seed": seed, "task": task, "backbone": backbone, **job.meta}
         checkpoint.save_final_model(out / checkpoint.FINAL_NAME, job.model.state_dict(), meta)
-        metrics = bb.stamped(params, task, backbone, seed, metrics)
+        metrics = backbone_mod.stamped(params, task, backbone, seed, metrics)
         write_json(out / "metrics.json", metrics)
         final = {key: metrics[key] for key in (*job.headline, "wall_time_s")}
         tracker.log_metrics(final, step=epochs)

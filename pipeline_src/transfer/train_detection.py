@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline_src import params as P, synthetic
-from pipeline_src.transfer import backbone as bb, detection, finetune, voc
+from pipeline_src import params as params_mod, synthetic
+from pipeline_src.transfer import backbone as backbone_mod, detection, finetune, voc
 
 TASK = "detection"
 
@@ -23,7 +23,7 @@ TASK = "detection"
 def voc_data(params: dict) -> tuple[list[str], list[voc.VOCRecord], list[voc.VOCRecord]]:
     """(classes, 07+12 trainval records, 07 test records) of the real VOC or the embedded data."""
     cfg = params["transfer"]["detection"]
-    devkit = voc.resolve_devkit(bb.dataset_root(params, "voc_dir", "VOCdevkit"))
+    devkit = voc.resolve_devkit(backbone_mod.dataset_root(params, "voc_dir", "VOCdevkit"))
     if params["data"]["voc_dir"]:
         classes = list(voc.VOC_CLASSES)
     else:
@@ -36,8 +36,9 @@ def build(params: dict, backbone: str, seed: int, ckpt: Path, device: torch.devi
     """Faster-RCNN on the backbone, SGD with step decay per epoch, scored by VOC AP."""
     cfg = params["transfer"][TASK]
     classes, train_records, test_records = voc_data(params)
-    trunk, meta = bb.load_backbone(ckpt, P.resolve_run(params, backbone)["model"], stem_stride=cfg["stem_stride"])
-    mean, std = bb.normalization(params, backbone)
+    trunk, meta = backbone_mod.load_backbone(ckpt, params_mod.resolve_run(params, backbone)["model"],
+                                             stem_stride=cfg["stem_stride"])
+    mean, std = backbone_mod.normalization(params, backbone)
     model = detection.build_faster_rcnn(trunk, len(classes), cfg, mean, std).to(device)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
                                 momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
@@ -72,7 +73,7 @@ def run(params: dict, backbone: str, seed: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return bb.stage_main(argv, "train_detection", __doc__.splitlines()[0], run)
+    return backbone_mod.stage_main(argv, "train_detection", __doc__.splitlines()[0], run)
 
 
 if __name__ == "__main__":

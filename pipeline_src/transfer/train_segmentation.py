@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
-from pipeline_src import params as P
-from pipeline_src.transfer import ade20k, backbone as bb, finetune, segmentation
+from pipeline_src import params as params_mod
+from pipeline_src.transfer import ade20k, backbone as backbone_mod, finetune, segmentation
 
 TASK = "segmentation"
 
 
 def ade_data(params: dict) -> tuple[int, list[ade20k.ADERecord], list[ade20k.ADERecord]]:
     """(num_classes, training records, validation records): 150 classes for ADE20K, else the embedded."""
-    root = ade20k.resolve_root(bb.dataset_root(params, "ade20k_dir", "ADEChallengeData2016"))
+    root = ade20k.resolve_root(backbone_mod.dataset_root(params, "ade20k_dir", "ADEChallengeData2016"))
     num_classes = ade20k.ADE20K_NUM_CLASSES if params["data"]["ade20k_dir"] else params["synthetic"]["classes"]
     return num_classes, ade20k.read_split(root, "training"), ade20k.read_split(root, "validation")
 
@@ -32,10 +32,10 @@ def build(params: dict, backbone: str, seed: int, ckpt: Path, device: torch.devi
     """An FCN on the dilated backbone, SGD with the poly schedule per iteration, scored by mIoU."""
     cfg = params["transfer"][TASK]
     num_classes, train_records, val_records = ade_data(params)
-    trunk, meta = bb.load_backbone(ckpt, P.resolve_run(params, backbone)["model"],
-                                   replace_stride_with_dilation=bb.DILATION[cfg["output_stride"]],
-                                   stem_stride=cfg["stem_stride"])
-    mean, std = bb.normalization(params, backbone)
+    trunk, meta = backbone_mod.load_backbone(ckpt, params_mod.resolve_run(params, backbone)["model"],
+                                             replace_stride_with_dilation=backbone_mod.DILATION[cfg["output_stride"]],
+                                             stem_stride=cfg["stem_stride"])
+    mean, std = backbone_mod.normalization(params, backbone)
     model = segmentation.build_fcn(trunk, num_classes, cfg["aux_loss"]).to(device)
     loader = segmentation.train_loader(train_records, num_classes, cfg["batch_size"], cfg["base_size"],
                                        cfg["crop_size"], cfg["scale_range"], mean, std, seed)
@@ -72,7 +72,7 @@ def run(params: dict, backbone: str, seed: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return bb.stage_main(argv, "train_segmentation", __doc__.splitlines()[0], run)
+    return backbone_mod.stage_main(argv, "train_segmentation", __doc__.splitlines()[0], run)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ def imagenet_input(wildcards):
 
 
 def teacher_input(wildcards):
-    if "distill" not in P.resolve_run(config, wildcards.run)["run"]["tricks"]:
+    if "distill" not in params_mod.resolve_run(config, wildcards.run)["run"]["tricks"]:
         return []
     return [f"{RUNS}/{TEACHER}/seed{TEACHER_SEED}/model.pt"]  # one teacher for every student seed
 

@@ -8,7 +8,7 @@ rule synthetic:
         voc=directory(f"{DATA}/synthetic/VOCdevkit"),
         ade20k=directory(f"{DATA}/synthetic/ADEChallengeData2016"),
     params:
-        settings=G.stage_settings(config, "synthetic"),
+        settings=graph.stage_settings(config, "synthetic"),
         code=CODE["synthetic"],
     log:
         "logs/synthetic/synthetic.log",
@@ -27,7 +27,7 @@ rule prepare:
         classes=f"{DATA}/betons/classes.json",
         manifest=f"{DATA}/betons/manifest.json",
     params:
-        settings=G.stage_settings(config, "prepare"),
+        settings=graph.stage_settings(config, "prepare"),
         code=CODE["prepare"],
     log:
         "logs/prepare/prepare.log",

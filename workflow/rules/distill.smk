@@ -13,7 +13,7 @@ rule teacher:
         history=f"{RUNS}/{TEACHER}/seed{{seed}}/history.json",
         metrics=f"{RUNS}/{TEACHER}/seed{{seed}}/metrics.json",
     params:
-        settings=G.stage_settings(config, "teacher", TEACHER),
+        settings=graph.stage_settings(config, "teacher", TEACHER),
         code=CODE["teacher"],
     log:
         "logs/teacher/seed{seed}.log",

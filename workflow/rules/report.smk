@@ -10,7 +10,7 @@ rule report:
         md=f"{REPORTS}/report.md",
         html=f"{REPORTS}/report.html",
     params:
-        settings=G.stage_settings(config, "report"),
+        settings=graph.stage_settings(config, "report"),
         code=CODE["report"],
     log:
         "logs/report/report.log",

@@ -21,7 +21,7 @@ rule train:
         history=f"{RUNS}/{{run}}/seed{{seed}}/history.json",
         metrics=f"{RUNS}/{{run}}/seed{{seed}}/metrics.json",
     params:
-        settings=lambda wildcards: G.stage_settings(config, "train", wildcards.run),
+        settings=lambda wildcards: graph.stage_settings(config, "train", wildcards.run),
         code=CODE["train"],
     wildcard_constraints:
         run="[A-Za-z0-9_.-]+",  # no slash: transfer/... belongs to the transfer rules

@@ -9,7 +9,7 @@ rule transfer_detection:
         model=f"{RUNS}/transfer/detection/{{backbone}}/seed{{seed}}/model.pt",
         metrics=f"{RUNS}/transfer/detection/{{backbone}}/seed{{seed}}/metrics.json",
     params:
-        settings=G.stage_settings(config, "transfer_detection"),
+        settings=graph.stage_settings(config, "transfer_detection"),
         code=CODE["transfer_detection"],
     log:
         "logs/transfer_detection/{backbone}-seed{seed}.log",
@@ -32,7 +32,7 @@ rule transfer_segmentation:
         model=f"{RUNS}/transfer/segmentation/{{backbone}}/seed{{seed}}/model.pt",
         metrics=f"{RUNS}/transfer/segmentation/{{backbone}}/seed{{seed}}/metrics.json",
     params:
-        settings=G.stage_settings(config, "transfer_segmentation"),
+        settings=graph.stage_settings(config, "transfer_segmentation"),
         code=CODE["transfer_segmentation"],
     log:
         "logs/transfer_segmentation/{backbone}-seed{seed}.log",
