@@ -23,7 +23,7 @@ DISTILLED = config["study"]["distilled"]
 ABLATION_RUNS = [r for r in params_mod.all_run_names(config) if r.startswith(("single-", "loo-"))]
 BACKBONES = config["transfer"]["backbones"]
 # Each job's code is a tracked input: the hash of the files its stage imports (pipeline_src.graph,
-# which also lists them as DVC deps), so editing pipeline_src/train.py re-runs the training jobs.
+# which also lists them as DVC deps), so editing pipeline_src/training.py re-runs the training jobs.
 CODE = {stage: graph.code_hash(workflow.basedir, stage) for stage in graph.STAGE_MODULES}
 # Every job's stdout and stderr go to its log (`log:`), which Snakemake names when the job fails.
 LOGGED = " > {log} 2>&1"

@@ -47,7 +47,7 @@ from pipeline_src import checkpoint, distributed, params as params_mod  # noqa: 
 from pipeline_src.io import write_json  # noqa: E402
 from pipeline_src.models import build_model  # noqa: E402
 from pipeline_src.engine import build_optimizer  # noqa: E402
-from pipeline_src.train import build_batch_transform, build_criterion, train_one_epoch  # noqa: E402
+from pipeline_src.training import build_batch_transform, build_criterion, train_one_epoch  # noqa: E402
 from pipeline_src.tricks.distillation import distillation_loss  # noqa: E402
 from pipeline_src.tricks.label_smoothing import smooth_targets, soft_target_cross_entropy  # noqa: E402
 from pipeline_src.tricks.lr_schedule import build_scheduler  # noqa: E402

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 from pipeline_src import params as params_mod  # noqa: E402
 from pipeline_src.models import build_model  # noqa: E402
 from pipeline_src.engine import build_optimizer  # noqa: E402
-from pipeline_src.train import build_batch_transform, build_criterion, train_one_epoch  # noqa: E402
+from pipeline_src.training import build_batch_transform, build_criterion, train_one_epoch  # noqa: E402
 from pipeline_src.tricks.mixed_precision import effective_precision, make_grad_scaler  # noqa: E402
 
 CPU = torch.device("cpu")

@@ -1,7 +1,7 @@
 """What every stage that trains or scores a classifier shares (torchvision's `references/.../engine.py`).
 
-The train, teacher, sanity and evaluate stages and the transfer fine-tunes import these pieces; no
-stage imports another stage for them.
+The train, teacher, sanity, evaluate and export stages and the transfer fine-tunes import these
+pieces (and `training.train`); no stage imports another stage.
 """
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline_src import checkpoint, params as params_mod
 from pipeline_src.errors import InputError
-from pipeline_src.io import read_json
+from pipeline_src.io import read_json, sha256, write_json
 from pipeline_src.tricks.mixed_precision import autocast_context
 from pipeline_src.tricks.no_bias_decay import param_groups
 
@@ -32,6 +33,12 @@ def read_classes(params: dict) -> list[str]:
         raise EngineInputError(f"{path} not found: run the prepare stage first (python -m pipeline_src.prepare)")
     data = read_json(path)
     return data["wnids"] if isinstance(data, dict) else data
+
+
+def run_params_of(params: dict, meta: dict) -> dict:
+    """The params a final model's run trained with (its `meta['run']`), if the params file defines that run."""
+    run = meta.get("run")
+    return params_mod.resolve_run(params, run) if run in params_mod.all_run_names(params) else params
 
 
 def pick_device(params: dict, local_rank: int = 0) -> torch.device:
@@ -82,3 +89,26 @@ def evaluate(model: nn.Module, loader, params: dict, device: torch.device, preci
     if keep_gaps:
         out["logit_gaps"] = gaps
     return out
+
+
+def write_run_outputs(out: Path, params: dict, seed: int, state_dict: dict, meta: dict, metrics: dict,
+                      final: dict, tracker, epochs: list[dict] | None = None,
+                      lr_curve: list[list[float]] | None = None) -> dict:
+    """model.pt, history.json and metrics.json of a run, the report's and the students' inputs, also
+    logged to MLflow; one writer for trained and imported models, so both read back the same way.
+
+    `final` is the last evaluation (with its logit gaps); returns `metrics` with the model's sha256.
+    """
+    run = params["run"]["name"]
+    checkpoint.save_final_model(out / "model.pt", state_dict, meta)
+    metrics = {**metrics, "model_sha256": sha256(out / "model.pt")}
+    write_json(out / "history.json", {"run": run, "seed": seed, "tricks": params["run"]["tricks"],
+                                      "epochs": epochs or [], "lr_curve": lr_curve or [],
+                                      "logit_gaps": final["logit_gaps"],
+                                      "label_smoothing": params["train"]["label_smoothing"]})
+    write_json(out / "metrics.json", metrics)
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tracker.log_metrics({f"final_{k}": v for k, v in numbers.items()}, step=len(epochs or []))
+    tracker.log_artifact(out / "history.json")
+    tracker.log_model(out / "model.pt", meta)
+    return metrics

@@ -22,12 +22,11 @@ import torch
 from PIL import Image
 
 from pipeline_src import checkpoint, params as params_mod
-from pipeline_src.engine import evaluate, pick_device
+from pipeline_src.engine import evaluate, pick_device, run_params_of
 from pipeline_src.errors import InputError, run_main
-from pipeline_src.io import write_json
+from pipeline_src.io import IMAGE_SUFFIXES, write_json
 from pipeline_src.loader import make_val_loader
 from pipeline_src.models import build_model
-from pipeline_src.prepare import IMAGE_SUFFIXES
 
 
 class EvaluateError(InputError, ValueError):
@@ -75,16 +74,10 @@ class ValFolder(torch.utils.data.Dataset):
         return (pixels - self.mean) / self.std, label
 
 
-def settings(params: dict, meta: dict) -> dict:
-    """The params the checkpoint's run trained with, if the params file defines that run."""
-    run = meta.get("run")
-    return params_mod.resolve_run(params, run) if run in params_mod.all_run_names(params) else params
-
-
 def score(checkpoint_path: Path, data: Path, params: dict) -> dict:
     """top1 / top5 / val_loss (and the image count) of `checkpoint_path` on `data`."""
     state, meta = checkpoint.load_model_weights(checkpoint_path)
-    run_params = settings(params, meta)
+    run_params = run_params_of(params, meta)
     model = build_model({**meta["model"], "zero_gamma": False}, meta["num_classes"])
     model.load_state_dict(state)
     device = pick_device(run_params)

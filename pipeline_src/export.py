@@ -21,7 +21,7 @@ import torch
 
 from pipeline_src import checkpoint, params as params_mod
 from pipeline_src.errors import InputError, run_main
-from pipeline_src.evaluate import settings
+from pipeline_src.engine import run_params_of
 from pipeline_src.io import atomic_path
 from pipeline_src.models import build_model
 
@@ -64,7 +64,7 @@ def export(checkpoint_path: Path, fmt: str, out: Path, params: dict, res: int | 
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r} is not one of {list(FORMATS)}")
     model, meta = load_model(checkpoint_path)
-    res = res or settings(params, meta)["loader"]["val_res"]
+    res = res or run_params_of(params, meta)["loader"]["val_res"]
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(2, 3, res, res, generator=gen)
     check = torch.randn(3, 3, res, res, generator=gen)  # another batch size: the batch dimension is free

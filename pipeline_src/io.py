@@ -14,6 +14,7 @@ from typing import Any, Iterator
 from pipeline_src.errors import InputError
 
 MB = 1024 * 1024
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # what the readers open
 
 
 class DiskFullError(InputError):

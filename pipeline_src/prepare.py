@@ -41,11 +41,11 @@ from PIL import Image
 from pipeline_src import params as params_mod
 from pipeline_src.errors import InputError, run_main
 from pipeline_src.ffcv_import import import_ffcv
-from pipeline_src.io import MB, DiskFullError, atomic_path, check_free_space, free_bytes, sha256, write_json
+from pipeline_src.io import (IMAGE_SUFFIXES, MB, DiskFullError, atomic_path, check_free_space, free_bytes, sha256,
+                             write_json)
 from pipeline_src.locks import dir_lock
 
 # The extensions torchvision's ImageFolder accepts; anything else (and any dotfile) is not an image.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 VAL_SOLUTION = "LOC_val_solution.csv"  # Kaggle's labels for a flat val/ folder
 SYNSET_MAPPING = "LOC_synset_mapping.txt"  # Kaggle's "wnid name, name" lines (optional)
 KAGGLE_SUBDIR = ("ILSVRC", "Data", "CLS-LOC")  # where Kaggle keeps train/ and val/ below its CSVs

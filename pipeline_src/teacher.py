@@ -18,12 +18,11 @@ import torch
 
 from pipeline_src import checkpoint, params as params_mod, tracking
 from pipeline_src.errors import InputError, run_main
-from pipeline_src.io import write_json
 from pipeline_src.loader import make_val_loader
 from pipeline_src.models import build_model, torchvision_resnet
 from pipeline_src.run_folders import output_dir
-from pipeline_src.engine import betons_dir, evaluate, read_classes
-from pipeline_src.train import train
+from pipeline_src.engine import betons_dir, evaluate, read_classes, write_run_outputs
+from pipeline_src.training import train
 
 
 class TeacherError(InputError):
@@ -104,14 +103,7 @@ def import_teacher(params: dict, seed: int, out: str | Path | None = None) -> di
             "teacher_source": str(source), "run_dir": str(out)}
     meta = {"run": params["run"]["name"], "seed": seed, "model": expected, "num_classes": len(wnids), "wnids": wnids}
     with tracking.start_run(params, params["run"]["name"], seed, tags, resume=False) as tracker:
-        checkpoint.save_final_model(out / "model.pt", model.state_dict(), meta)
-        write_json(out / "history.json", {"run": params["run"]["name"], "seed": seed, "tricks": params["run"]["tricks"],
-                                          "epochs": [], "lr_curve": [], "logit_gaps": scores["logit_gaps"],
-                                          "label_smoothing": params["train"]["label_smoothing"]})
-        write_json(out / "metrics.json", metrics)
-        tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if k != "source"}, step=0)
-        tracker.log_model(out / "model.pt", meta)
-    return metrics
+        return write_run_outputs(out, params, seed, model.state_dict(), meta, metrics, scores, tracker)
 
 
 def main(argv: list[str] | None = None) -> int:

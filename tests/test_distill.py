@@ -15,8 +15,9 @@ from pipeline_src.models import build_model
 from pipeline_src.run_folders import output_dir
 from pipeline_src.teacher import main as teacher_main
 from pipeline_src.engine import betons_dir, build_optimizer, evaluate
-from pipeline_src.train import (build_batch_transform, build_criterion, load_teacher, main as train_main, run_dir,
-                                train_one_epoch)
+from pipeline_src.run_folders import run_dir
+from pipeline_src.train import main as train_main
+from pipeline_src.training import build_batch_transform, build_criterion, load_teacher, train_one_epoch
 from pipeline_src.tricks.lr_schedule import build_scheduler
 from pipeline_src.tricks.mixed_precision import effective_precision, make_grad_scaler
 

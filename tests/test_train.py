@@ -16,7 +16,8 @@ from pipeline_src import params as params_mod
 from pipeline_src.checkpoint import load_model_weights
 from pipeline_src.io import sha256
 from pipeline_src.models import build_model
-from pipeline_src.train import main, run_dir
+from pipeline_src.run_folders import run_dir
+from pipeline_src.train import main
 from pipeline_src.tricks.mixed_precision import hardware
 
 BIN = Path(sys.executable).parent
@@ -257,7 +258,7 @@ class _Batches:
 
 def _one_epoch(tmp_path: Path, loader: _Batches, *sets: str):
     from pipeline_src.engine import build_optimizer
-    from pipeline_src.train import build_batch_transform, build_criterion, train_one_epoch
+    from pipeline_src.training import build_batch_transform, build_criterion, train_one_epoch
     from pipeline_src.tricks.lr_schedule import build_scheduler
     from tests.conftest import write_micro_params
 
@@ -275,7 +276,7 @@ def _one_epoch(tmp_path: Path, loader: _Batches, *sets: str):
 
 def test_nan_is_caught_within_the_check_window_and_names_its_step(tmp_path):
     """No per-step host sync: a NaN at step 2 surfaces at the next check (step 4 of every 5), named step 2."""
-    from pipeline_src.train import NonFiniteLoss
+    from pipeline_src.training import NonFiniteLoss
 
     loader = _Batches(12, nan_at=2, classes=4)
     with pytest.raises(NonFiniteLoss, match=r"epoch 0 step 2 \(checked every 5 steps"):

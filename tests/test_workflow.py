@@ -127,6 +127,23 @@ def _env_pip() -> list[str]:
     return next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d)
 
 
+STAGE_CLIS = ("pipeline_src.evaluate", "pipeline_src.export", "pipeline_src.sanity")  # stages outside the DAG
+
+
+def test_no_stage_imports_another_stage():
+    """Stages share code through library modules (engine, training, ...), never through each other,
+    so editing one stage's command line never re-runs another stage's jobs."""
+    stages = {m for modules in graph.STAGE_MODULES.values() for m in modules if m != graph.LAUNCHER}
+    stages |= set(STAGE_CLIS)
+    for module in sorted(stages):
+        path = graph._module_file(ROOT, module)
+        imported = graph._imports(path, module)
+        others = {m for m in imported if m in stages - {module} or any(m.startswith(f"{s}.") for s in stages - {module})}
+        # synthetic.py is also the embedded data's definition: the VOC reader takes its class names
+        others -= {"pipeline_src.synthetic"} if module == "pipeline_src.transfer.train_detection" else set()
+        assert not others, f"{path} imports the stage module(s) {sorted(others)}"
+
+
 def test_conda_env_keeps_the_pins_installs_the_project_and_what_ffcv_builds_against():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     deps = yaml.safe_load(ENV_FILE.read_text())["dependencies"]
@@ -184,7 +201,7 @@ def test_stage_code_follows_imports_and_its_hash_moves_only_with_that_code(tmp_p
     shutil.copytree(ROOT / "pipeline_src", tmp_path / "pipeline_src", ignore=shutil.ignore_patterns("__pycache__"))
     seg = graph.stage_code(tmp_path, "transfer_segmentation")
     assert "pipeline_src/transfer/segmentation.py" in seg and "pipeline_src/models/resnet.py" in seg
-    assert "pipeline_src/train.py" not in seg and "pipeline_src/report/build.py" not in seg
+    assert "pipeline_src/training.py" not in seg and "pipeline_src/report/build.py" not in seg
     assert "pipeline_src/report/paper_numbers.yaml" in graph.stage_code(tmp_path, "report")  # package data
     before = {stage: graph.code_hash(tmp_path, stage) for stage in graph.STAGE_MODULES}
     with (tmp_path / "pipeline_src" / "models" / "resnet.py").open("a") as fh:
