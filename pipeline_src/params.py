@@ -1,23 +1,28 @@
 """The one reader of params files: load, validate, override with --set, resolve named runs.
 
 Every key must be present in the file (no stage keeps hidden defaults) and every key must be known
-to SCHEMA below; a mistake names the key, its path and the file, and suggests the closest key.
-A profile such as configs/imagenet.yaml is an overlay: `extends: ../params.yaml` and only the keys
-that differ, deep-merged onto its base before validation (so every key is still required).
+to the `Params` model below (pydantic); a mistake names the key, its path and the file, and suggests
+the closest key. A profile such as configs/imagenet.yaml is an overlay: `extends: ../params.yaml`
+and only the keys that differ, deep-merged onto its base before validation (so every key is still
+required). The result is a plain dict: every stage reads dicts.
 """
-from __future__ import annotations
 
+# No `from __future__ import annotations`: pydantic would compile each field's annotation string,
+# a third more import time in every Snakemake parse.
 import argparse
 import copy
 import difflib
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+import types
+import typing
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Literal, Self
 
 import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from pipeline_src.errors import InputError
 
@@ -28,50 +33,43 @@ class ParamsError(InputError, ValueError):
     """A params file or override that does not validate; the message says where and what to do."""
 
 
-@dataclass(frozen=True)
-class Spec:
-    """One leaf of the schema: its type and the values it may take."""
+# ---- leaf types: YAML gives exact types, so nothing is coerced but an int (or a YAML 1.1 string) to a float
 
-    kind: str  # int | float | bool | str | list | path
-    choices: tuple | None = None
-    lo: float | None = None
-    hi: float | None = None
-    nullable: bool = False
-    item: "Spec | None" = None  # for lists
-    length: int | None = None  # for lists of fixed length
-    check: Callable[[Any], str | None] | None = None  # extra rule; returns an error or None
+def _number(value: Any) -> Any:
+    """An int becomes a float, as a string YAML 1.1 reads from `1e-4` (no dot) does; the rest as given."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
-@dataclass(frozen=True)
-class MapOf:
-    """A mapping from free names (runs, tricks) to values of one schema."""
-
-    value: Any
-
-
-@dataclass(frozen=True)
-class Overrides:
-    """A mapping of dotted keys (`train.epochs`) to values validated against those keys."""
+def _exact_int(value: Any) -> Any:
+    """An int Literal accepts True and 2.0 as 1 and 2: refuse them as an int field does."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
 
 
-def _int(lo=None, hi=None, **kw) -> Spec:
-    return Spec("int", lo=lo, hi=hi, **kw)
+def _rule(problem_of) -> AfterValidator:
+    """A check beyond type and range; `problem_of` returns what is wrong, or None."""
+    def check(value: Any) -> Any:
+        problem = problem_of(value)
+        if problem:
+            raise PydanticCustomError("check", "{problem}", {"problem": problem, "value": value})
+        return value
+    return AfterValidator(check)
 
 
-def _float(lo=None, hi=None, **kw) -> Spec:
-    return Spec("float", lo=lo, hi=hi, **kw)
-
-
-def _str(choices=None, **kw) -> Spec:
-    return Spec("str", choices=tuple(choices) if choices else None, **kw)
-
-
-def _bool() -> Spec:
-    return Spec("bool")
-
-
-def _list(item: Spec, length=None, **kw) -> Spec:
-    return Spec("list", item=item, length=length, **kw)
+def _items(length: int) -> BeforeValidator:
+    """A list of fixed length; checked before its items, so a short list is reported as short."""
+    def check(value: Any) -> Any:
+        if isinstance(value, list) and len(value) != length:
+            raise PydanticCustomError("length", "{problem}", {"problem": f"must have {length} items",
+                                                               "actual": len(value)})
+        return value
+    return BeforeValidator(check)
 
 
 def _increasing(values: list) -> str | None:
@@ -88,250 +86,375 @@ def _ordered_pair(values: list) -> str | None:
     return None if values[0] <= values[1] else "must be [low, high] with low <= high"
 
 
-RUN_SCHEMA = {
-    "base": _str(nullable=True),
-    "tricks": _list(_str()),
-    "set": Overrides(),
-    "description": _str(),
-}
+def _int(ge: int | None = None, le: int | None = None) -> Any:
+    return Annotated[int, Field(ge=ge, le=le)]
 
-SCHEMA: dict[str, Any] = {
-    "profile": {
-        "name": _str(),
-        "description": _str(),
-    },
-    "paths": {
-        "data": _str(),
-        "runs": _str(),
-        "reports": _str(),
-    },
-    "synthetic": {
-        "seed": _int(0),
-        "classes": _int(2, 20),
-        "train_per_class": _int(1),
-        "val_per_class": _int(1),
-        "min_size": _int(16),
-        "max_size": _int(16),
-        "voc_trainval": _int(1),
-        "voc_test": _int(1),
-        "ade_train": _int(1),
-        "ade_val": _int(1),
-        "scene_size": _list(_int(32), length=2),
-    },
-    "data": {
-        "imagenet_dir": _str(nullable=True),
-        "voc_dir": _str(nullable=True),
-        "ade20k_dir": _str(nullable=True),
-        "on_corrupt": _str(["error", "skip"]),
-    },
-    "prepare": {
-        "max_resolution": _int(16),
-        "jpeg_quality": _int(1, 100),
-        "compress_probability": _float(0.0, 1.0),
-        "write_mode": _str(["raw", "jpg", "proportion"]),
-        "num_workers": _int(1),
-        "seed": _int(0),
-    },
-    "loader": {
-        "num_workers": _int(1),
-        "order": _str(["random", "quasi_random", "sequential"]),
-        "os_cache": _bool(),
-        "drop_last": _bool(),
-        "res": _int(16),
-        "val_res": _int(16),
-        "val_crop_ratio": _float(0.1, 1.0),
-        "device": _str(["auto", "cpu", "cuda"]),
-        "max_decode_scale": _int(choices=(1, 2, 4, 8)),
-    },
-    "augment": {
-        "crop_area": _list(_float(0.0, 1.0), length=2, check=_ordered_pair),
-        "crop_ratio": _list(_float(0.0), length=2, check=_ordered_pair),
-        "flip": _bool(),
-        "brightness": _float(0.0, 1.0),
-        "contrast": _float(0.0, 1.0),
-        "saturation": _float(0.0, 1.0),
-        "hue": _float(0.0, 0.5),
-        "lighting_std": _float(0.0),
-        "mean": _list(_float(0.0, 255.0), length=3),
-        "std": _list(_float(1e-6), length=3),
-    },
-    "model": {
-        "arch": _str(["resnet", "inception_v3", "mobilenet_v2", "plain_cnn"]),
-        "depth": _int(choices=(26, 50, 101, 152)),
-        "variant": _str(["A", "B", "C", "D"]),
-        "width": _float(0.0625, 4.0),
-        "stem_stride": _int(choices=(1, 2, 4)),
-        "init": _str(["xavier", "kaiming"]),
-        "zero_gamma": _bool(),
-    },
-    "train": {
-        "epochs": _int(1),
-        "batch_size": _int(1),
-        "base_lr": _float(0.0),
-        "base_batch": _int(1),
-        "linear_scaling": _bool(),
-        "warmup_epochs": _float(0.0),
-        "schedule": _str(["step", "cosine"]),
-        "step_milestones": _list(_int(1), check=_increasing),
-        "step_gamma": _float(0.0, 1.0),
-        "momentum": _float(0.0, 1.0),
-        "nesterov": _bool(),
-        "weight_decay": _float(0.0),
-        "no_bias_decay": _bool(),
-        "label_smoothing": _float(0.0, 1.0),
-        "mixup_alpha": _float(0.0),
-        "distill": _bool(),
-        "precision": _str(["fp32", "amp"]),
-        "cpu_amp": _str(["bf16", "native_only"]),
-        "channels_last": _bool(),
-        "compile": _bool(),
-        "sync_bn": _bool(),
-        "eval_every": _int(1),
-    },
-    "monitor": {
-        "finite_check_every": _int(1),
-        "progress": _str(["auto", "always", "never"]),
-    },
-    "launch": {
-        "nodes": _int(1),
-    },
-    "distill": {
-        "temperature": _float(1e-6),
-        "weight": _float(0.0),
-    },
-    "teacher": {
-        "run": _str(),
-        "seed": _int(0),
-        "checkpoint": _str(nullable=True),
-    },
-    "sanity": {
-        "overfit_steps": _int(1),
-        "overfit_loss": _float(0.0),
-        "lr_range": _list(_float(1e-12), length=2, check=_ordered_pair),
-        "lr_range_steps": _int(5),
-    },
-    "tracking": {
-        "uri": _str(nullable=True),
-        "experiment": _str(),
-        "artifact_root": _str(nullable=True),
-    },
-    "transfer": {
-        "backbones": _list(_str()),
-        "detection": {
-            "style": _str(["c4", "fpn"]),
-            "frozen_stages": _list(_str(["stem", "layer1", "layer2", "layer3", "layer4"])),
-            "epochs": _int(1),
-            "batch_size": _int(1),
-            "lr": _float(0.0),
-            "lr_milestones": _list(_int(1), check=_increasing),
-            "lr_decay": _float(0.0, 1.0),
-            "momentum": _float(0.0, 1.0),
-            "weight_decay": _float(0.0),
-            "min_size": _int(16),
-            "max_size": _int(16),
-            "anchor_sizes": _list(_float(1.0), check=_nonempty_increasing),
-            "aspect_ratios": _list(_float(1e-3), check=_nonempty_increasing),
-            "rpn_batch_size_per_image": _int(1),
-            "rpn_positive_fraction": _float(0.0, 1.0),
-            "rpn_pre_nms_top_n_train": _int(1),
-            "rpn_post_nms_top_n_train": _int(1),
-            "rpn_pre_nms_top_n_test": _int(1),
-            "rpn_post_nms_top_n_test": _int(1),
-            "box_batch_size_per_image": _int(1),
-            "box_positive_fraction": _float(0.0, 1.0),
-            "rpn_nms_thresh": _float(0.0, 1.0),
-            "rpn_fg_iou_thresh": _float(0.0, 1.0),
-            "rpn_bg_iou_thresh": _float(0.0, 1.0),
-            "box_fg_iou_thresh": _float(0.0, 1.0),
-            "box_bg_iou_thresh": _float(0.0, 1.0),
-            "box_score_thresh": _float(0.0, 1.0),
-            "box_nms_thresh": _float(0.0, 1.0),
-            "box_detections_per_img": _int(1),
-            "metric": _str(["voc07", "voc07_exact", "all_point"]),
-            "train_difficult": _bool(),
-            "allow_missing_voc2012": _bool(),
-            "stem_stride": _int(choices=(1, 2, 4), nullable=True),
-        },
-        "segmentation": {
-            "epochs": _int(1),
-            "batch_size": _int(1),
-            "lr": _float(0.0),
-            "poly_power": _float(0.0),
-            "momentum": _float(0.0, 1.0),
-            "weight_decay": _float(0.0),
-            "base_size": _int(16),
-            "crop_size": _int(16),
-            "scale_range": _list(_float(0.01), length=2, check=_ordered_pair),
-            "output_stride": _int(choices=(8, 16, 32)),
-            "aux_loss": _bool(),
-            "aux_weight": _float(0.0),
-            "stem_stride": _int(choices=(1, 2, 4), nullable=True),
-        },
-    },
-    "tricks": MapOf(Overrides()),
-    "runs": MapOf(RUN_SCHEMA),
-    "study": {
-        "seeds": _list(_int(0)),
-        "transfer_seeds": _list(_int(0)),
-        "tables": _list(_str()),
-        "distilled": _list(_str()),
-        "single_trick": {"base": _str(), "tricks": _list(_str())},
-        "leave_one_out": {"stack": _str(), "tricks": _list(_str())},
-    },
-}
+
+def _float(ge: float | None = None, le: float | None = None) -> Any:
+    return Annotated[float, BeforeValidator(_number), Field(ge=ge, le=le, allow_inf_nan=False)]
+
+
+def _one_of(*choices: int) -> Any:
+    return Annotated[Literal[choices], BeforeValidator(_exact_int)]
+
+
+def _pair(item: Any) -> Any:
+    return Annotated[list[item], _items(2), _rule(_ordered_pair)]
+
+
+class _Overrides:
+    """Marks a mapping of dotted keys (`train.epochs`) to values, checked against those keys by
+    `_check_overrides` (our own code, as run resolution is)."""
+
+
+Overrides = Annotated[dict[str, Any], BeforeValidator(lambda value: {} if value is None else value), _Overrides]
+
+
+def _names(value: Any) -> Any:
+    """Run and trick names are strings, even those YAML reads as numbers."""
+    return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+
+
+class _Section(BaseModel):
+    """A section of the file: every key required, no unknown key, no type coercion."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _rule_error(message: str) -> PydanticCustomError:
+    """A rule between keys; the message names them (the file is added where it is known)."""
+    return PydanticCustomError("rule", "{message}", {"message": message})
+
+
+# ---- the schema
+
+class Profile(_Section):
+    name: str
+    description: str
+
+
+class Paths(_Section):
+    data: str
+    runs: str
+    reports: str
+
+
+class Synthetic(_Section):
+    seed: _int(0)
+    classes: _int(2, 20)
+    train_per_class: _int(1)
+    val_per_class: _int(1)
+    min_size: _int(16)
+    max_size: _int(16)
+    voc_trainval: _int(1)
+    voc_test: _int(1)
+    ade_train: _int(1)
+    ade_val: _int(1)
+    scene_size: Annotated[list[_int(32)], _items(2)]
+
+    @model_validator(mode="after")
+    def _sizes_ordered(self) -> Self:
+        if self.min_size > self.max_size:
+            raise _rule_error(f"key 'synthetic.min_size' ({self.min_size}) is above 'synthetic.max_size' "
+                              f"({self.max_size}); set min_size <= max_size")
+        return self
+
+
+class Data(_Section):
+    imagenet_dir: str | None
+    voc_dir: str | None
+    ade20k_dir: str | None
+    on_corrupt: Literal["error", "skip"]
+
+
+class Prepare(_Section):
+    max_resolution: _int(16)
+    jpeg_quality: _int(1, 100)
+    compress_probability: _float(0.0, 1.0)
+    write_mode: Literal["raw", "jpg", "proportion"]
+    num_workers: _int(1)
+    seed: _int(0)
+
+
+class Loader(_Section):
+    num_workers: _int(1)
+    order: Literal["random", "quasi_random", "sequential"]
+    os_cache: bool
+    drop_last: bool
+    res: _int(16)
+    val_res: _int(16)
+    val_crop_ratio: _float(0.1, 1.0)
+    device: Literal["auto", "cpu", "cuda"]
+    max_decode_scale: _one_of(1, 2, 4, 8)
+
+
+class Augment(_Section):
+    crop_area: _pair(_float(0.0, 1.0))
+    crop_ratio: _pair(_float(0.0))
+    flip: bool
+    brightness: _float(0.0, 1.0)
+    contrast: _float(0.0, 1.0)
+    saturation: _float(0.0, 1.0)
+    hue: _float(0.0, 0.5)
+    lighting_std: _float(0.0)
+    mean: Annotated[list[_float(0.0, 255.0)], _items(3)]
+    std: Annotated[list[_float(1e-6)], _items(3)]
+
+
+class Model(_Section):
+    arch: Literal["resnet", "inception_v3", "mobilenet_v2", "plain_cnn"]
+    depth: _one_of(26, 50, 101, 152)
+    variant: Literal["A", "B", "C", "D"]
+    width: _float(0.0625, 4.0)
+    stem_stride: _one_of(1, 2, 4)
+    init: Literal["xavier", "kaiming"]
+    zero_gamma: bool
+
+
+class Train(_Section):
+    epochs: _int(1)
+    batch_size: _int(1)
+    base_lr: _float(0.0)
+    base_batch: _int(1)
+    linear_scaling: bool
+    warmup_epochs: _float(0.0)
+    schedule: Literal["step", "cosine"]
+    step_milestones: Annotated[list[_int(1)], _rule(_increasing)]
+    step_gamma: _float(0.0, 1.0)
+    momentum: _float(0.0, 1.0)
+    nesterov: bool
+    weight_decay: _float(0.0)
+    no_bias_decay: bool
+    label_smoothing: _float(0.0, 1.0)
+    mixup_alpha: _float(0.0)
+    distill: bool
+    precision: Literal["fp32", "amp"]
+    cpu_amp: Literal["bf16", "native_only"]
+    channels_last: bool
+    compile: bool
+    sync_bn: bool
+    eval_every: _int(1)
+
+
+class Monitor(_Section):
+    finite_check_every: _int(1)
+    progress: Literal["auto", "always", "never"]
+
+
+class Launch(_Section):
+    nodes: _int(1)
+
+
+class Distill(_Section):
+    temperature: _float(1e-6)
+    weight: _float(0.0)
+
+
+class Teacher(_Section):
+    run: str
+    seed: _int(0)
+    checkpoint: str | None
+
+
+class Sanity(_Section):
+    overfit_steps: _int(1)
+    overfit_loss: _float(0.0)
+    lr_range: _pair(_float(1e-12))
+    lr_range_steps: _int(5)
+
+
+class Tracking(_Section):
+    uri: str | None
+    experiment: str
+    artifact_root: str | None
+
+
+_STAGES = Literal["stem", "layer1", "layer2", "layer3", "layer4"]
+
+
+class Detection(_Section):
+    style: Literal["c4", "fpn"]
+    frozen_stages: list[_STAGES]
+    epochs: _int(1)
+    batch_size: _int(1)
+    lr: _float(0.0)
+    lr_milestones: Annotated[list[_int(1)], _rule(_increasing)]
+    lr_decay: _float(0.0, 1.0)
+    momentum: _float(0.0, 1.0)
+    weight_decay: _float(0.0)
+    min_size: _int(16)
+    max_size: _int(16)
+    anchor_sizes: Annotated[list[_float(1.0)], _rule(_nonempty_increasing)]
+    aspect_ratios: Annotated[list[_float(1e-3)], _rule(_nonempty_increasing)]
+    rpn_batch_size_per_image: _int(1)
+    rpn_positive_fraction: _float(0.0, 1.0)
+    rpn_pre_nms_top_n_train: _int(1)
+    rpn_post_nms_top_n_train: _int(1)
+    rpn_pre_nms_top_n_test: _int(1)
+    rpn_post_nms_top_n_test: _int(1)
+    box_batch_size_per_image: _int(1)
+    box_positive_fraction: _float(0.0, 1.0)
+    rpn_nms_thresh: _float(0.0, 1.0)
+    rpn_fg_iou_thresh: _float(0.0, 1.0)
+    rpn_bg_iou_thresh: _float(0.0, 1.0)
+    box_fg_iou_thresh: _float(0.0, 1.0)
+    box_bg_iou_thresh: _float(0.0, 1.0)
+    box_score_thresh: _float(0.0, 1.0)
+    box_nms_thresh: _float(0.0, 1.0)
+    box_detections_per_img: _int(1)
+    metric: Literal["voc07", "voc07_exact", "all_point"]
+    train_difficult: bool
+    allow_missing_voc2012: bool
+    stem_stride: _one_of(1, 2, 4) | None
+
+    @model_validator(mode="after")
+    def _fits_torchvision(self) -> Self:
+        """Rules between keys that no single key's range can state."""
+        # torchvision's FPN has five levels (layer1..layer4 and a max-pooled one), one anchor size each
+        if self.style == "fpn" and len(self.anchor_sizes) != 5:
+            raise _rule_error(
+                "key 'transfer.detection.anchor_sizes' must have 5 items with style fpn (one per "
+                f"level: layer1..layer4 and the pooled level), got {len(self.anchor_sizes)}"
+            )
+        for stage in ("rpn", "box"):  # torchvision's Matcher needs background IoU <= foreground IoU
+            low, high = getattr(self, f"{stage}_bg_iou_thresh"), getattr(self, f"{stage}_fg_iou_thresh")
+            if low > high:
+                raise _rule_error(
+                    f"key 'transfer.detection.{stage}_bg_iou_thresh' ({low}) must not exceed "
+                    f"'transfer.detection.{stage}_fg_iou_thresh' ({high})"
+                )
+        return self
+
+
+class Segmentation(_Section):
+    epochs: _int(1)
+    batch_size: _int(1)
+    lr: _float(0.0)
+    poly_power: _float(0.0)
+    momentum: _float(0.0, 1.0)
+    weight_decay: _float(0.0)
+    base_size: _int(16)
+    crop_size: _int(16)
+    scale_range: _pair(_float(0.01))
+    output_stride: _one_of(8, 16, 32)
+    aux_loss: bool
+    aux_weight: _float(0.0)
+    stem_stride: _one_of(1, 2, 4) | None
+
+
+class Transfer(_Section):
+    backbones: list[str]
+    detection: Detection
+    segmentation: Segmentation
+
+
+class Run(_Section):
+    base: str | None
+    tricks: list[str]
+    set: Overrides
+    description: str
+
+
+class SingleTrick(_Section):
+    base: str
+    tricks: list[str]
+
+
+class LeaveOneOut(_Section):
+    stack: str
+    tricks: list[str]
+
+
+class Study(_Section):
+    seeds: list[_int(0)]
+    transfer_seeds: list[_int(0)]
+    tables: list[str]
+    distilled: list[str]
+    single_trick: SingleTrick
+    leave_one_out: LeaveOneOut
+
+
+class Params(_Section):
+    """A whole params file (after its overlays and --set)."""
+
+    profile: Profile
+    paths: Paths
+    synthetic: Synthetic
+    data: Data
+    prepare: Prepare
+    loader: Loader
+    augment: Augment
+    model: Model
+    train: Train
+    monitor: Monitor
+    launch: Launch
+    distill: Distill
+    teacher: Teacher
+    sanity: Sanity
+    tracking: Tracking
+    transfer: Transfer
+    tricks: Annotated[dict[str, Overrides], BeforeValidator(_names)]
+    runs: Annotated[dict[str, Run], BeforeValidator(_names)]
+    study: Study
+
 
 # Sections a run may override with `set:` or a trick; the rest are shared by every run.
 RUN_SECTIONS = ("loader", "augment", "model", "train", "distill")
 
 
+# ---- walking the schema: a node is a section (model class), a mapping of names, overrides or a leaf
+
+def _unwrap(node: Any) -> tuple[Any, list]:
+    """The type under Annotated[...] and `| None`, with the metadata it carried."""
+    metadata: list = []
+    while True:
+        origin = typing.get_origin(node)
+        if origin is Annotated:
+            node, *more = typing.get_args(node)
+            metadata += more
+        elif origin in (typing.Union, types.UnionType):
+            node = next(arg for arg in typing.get_args(node) if arg is not type(None))
+        else:
+            return node, metadata
+
+
+def _is_section(node: Any) -> bool:
+    return isinstance(node, type) and issubclass(node, BaseModel)
+
+
+def _is_overrides(node: Any) -> bool:
+    return _Overrides in _unwrap(node)[1]
+
+
+def _child(node: Any, key: str) -> Any:
+    """The schema node one key below `node`, or None where the key is not part of the schema."""
+    if _is_section(node):
+        field = node.model_fields.get(key)
+        if field is None:
+            return None
+        return Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    if _is_overrides(node):  # replaced whole by an overlay, checked key by key by _check_overrides
+        return None
+    bare, _ = _unwrap(node)
+    if typing.get_origin(bare) is dict:
+        return typing.get_args(bare)[1]
+    if typing.get_origin(bare) is list and key.isdigit():
+        return typing.get_args(bare)[0]
+    return None
+
+
+def _kind(node: Any) -> str:
+    """int | float | bool | str | list | section, as the error messages name them."""
+    bare, _ = _unwrap(node)
+    if typing.get_origin(bare) is Literal:
+        return type(typing.get_args(bare)[0]).__name__
+    if typing.get_origin(bare) is list:
+        return "list"
+    return "section" if _is_section(bare) else getattr(bare, "__name__", str(bare))
+
+
 def _where(path: tuple[str, ...]) -> str:
     return ".".join(path) if path else "<top level>"
-
-
-def _check_leaf(spec: Spec, value: Any, path: tuple[str, ...], src: str) -> Any:
-    where = f"{src}: key '{_where(path)}'"
-    if value is None:
-        if spec.nullable:
-            return None
-        raise ParamsError(f"{where} is null; give it a {spec.kind} value")
-    kind = spec.kind
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise ParamsError(f"{where} must be true or false, got {value!r}")
-    elif kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamsError(f"{where} must be an integer, got {value!r}")
-    elif kind == "float":
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ParamsError(f"{where} must be a number, got {value!r}")
-        value = float(value)
-        if not math.isfinite(value):
-            raise ParamsError(f"{where} must be finite, got {value!r}")
-    elif kind == "str":
-        if not isinstance(value, str):
-            raise ParamsError(f"{where} must be a string, got {value!r}")
-    elif kind == "list":
-        if not isinstance(value, list):
-            raise ParamsError(f"{where} must be a list, got {value!r}")
-        if spec.length is not None and len(value) != spec.length:
-            raise ParamsError(f"{where} must have {spec.length} items, got {len(value)}")
-        value = [_check_leaf(spec.item, v, path + (str(i),), src) for i, v in enumerate(value)]
-    if spec.choices is not None and value not in spec.choices:
-        raise ParamsError(f"{where} must be one of {list(spec.choices)}, got {value!r}")
-    if spec.lo is not None and value < spec.lo:
-        raise ParamsError(f"{where} must be >= {spec.lo}, got {value!r}")
-    if spec.hi is not None and value > spec.hi:
-        raise ParamsError(f"{where} must be <= {spec.hi}, got {value!r}")
-    if spec.check is not None:
-        problem = spec.check(value)
-        if problem:
-            raise ParamsError(f"{where} {problem}, got {value!r}")
-    return value
 
 
 def _unknown(key: str, known: list[str], path: tuple[str, ...], src: str) -> ParamsError:
@@ -341,60 +464,119 @@ def _unknown(key: str, known: list[str], path: tuple[str, ...], src: str) -> Par
     return ParamsError(f"{src}: unknown key '{_where(path + (key,))}'{hint}")
 
 
-def schema_at(dotted: str, src: str = "<override>") -> Spec | dict:
-    """The schema node of a dotted key such as `train.epochs`, or a clear error."""
-    node: Any = SCHEMA
+def schema_at(dotted: str, src: str = "<override>") -> Any:
+    """The schema node of a dotted key such as `train.epochs` (a section's model or a leaf's type),
+    or a clear error."""
+    node: Any = Params
     path: tuple[str, ...] = ()
     for part in dotted.split("."):
-        if not isinstance(node, dict):
+        if not _is_section(node):
             raise ParamsError(f"{src}: key '{dotted}' goes below a leaf at '{_where(path)}'")
-        if part not in node:
-            raise _unknown(part, list(node), path, src)
-        node = node[part]
+        child = _child(node, part)
+        if child is None:
+            raise _unknown(part, list(node.model_fields), path, src)
+        node = child
         path += (part,)
     return node
 
 
-def _check_overrides(value: Any, path: tuple[str, ...], src: str) -> dict:
+# ---- pydantic's errors in our words: the file, the key path, what to do
+
+_TYPE_PHRASES = {
+    "int": "must be an integer", "float": "must be a number", "bool": "must be true or false",
+    "str": "must be a string", "list": "must be a list",
+}
+_TYPE_ERRORS = {
+    "int_type": "int", "float_type": "float", "bool_type": "bool", "string_type": "str", "list_type": "list",
+}
+
+
+def _node_at(root: Any, loc: tuple[str, ...]) -> Any:
+    node = root
+    for key in loc:
+        node = _child(node, key)
+    return node
+
+
+def _params_error(error: dict, root: Any, prefix: tuple[str, ...], src: str) -> ParamsError:
+    """One pydantic error (at `loc` below `root`, which sits at `prefix` in the file) as our message."""
+    loc = tuple(str(key) for key in error["loc"])
+    path, kind, value, ctx = prefix + loc, error["type"], error["input"], error.get("ctx") or {}
+    where = f"{src}: key '{_where(path)}'"
+    if kind == "extra_forbidden":
+        return _unknown(loc[-1], list(_node_at(root, loc[:-1]).model_fields), path[:-1], src)
+    if kind == "rule":
+        return ParamsError(f"{src}: {ctx['message']}")
+    if kind == "check":
+        return ParamsError(f"{where} {ctx['problem']}, got {ctx['value']!r}")
+    node = _node_at(root, loc)
+    if kind in ("model_type", "dict_type"):
+        what = ("a section (a mapping)" if _is_section(node) else
+                "a mapping of dotted keys to values" if _is_overrides(node) else "a mapping of names")
+        return ParamsError(f"{where} must be {what}" + (f", got {value!r}" if _is_section(node) else ""))
     if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ParamsError(f"{src}: key '{_where(path)}' must be a mapping of dotted keys to values")
-    out = {}
-    for dotted, v in value.items():
-        if dotted.split(".")[0] not in RUN_SECTIONS:
-            raise ParamsError(
-                f"{src}: key '{_where(path)}.{dotted}': a run may only change "
-                f"{list(RUN_SECTIONS)}; '{dotted.split('.')[0]}' is shared by every run"
-            )
-        node = schema_at(dotted, f"{src}: in '{_where(path)}'")
-        if not isinstance(node, Spec):
-            raise ParamsError(f"{src}: key '{_where(path)}.{dotted}' names a section, not a value")
-        out[dotted] = _check_leaf(node, v, path + (dotted,), src)
-    return out
+        return ParamsError(f"{where} is null; give it a {_kind(node)} value")
+    if _kind(node) == "float":  # say the number as it was read: `1e-4` and `1` are 0.0001 and 1.0
+        value = _number(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            return ParamsError(f"{where} must be finite, got {value!r}")
+    if kind in _TYPE_ERRORS:
+        return ParamsError(f"{where} {_TYPE_PHRASES[_TYPE_ERRORS[kind]]}, got {value!r}")
+    if kind == "literal_error":
+        if type(value).__name__ != _kind(node):  # a choice of strings given a number, or the reverse
+            return ParamsError(f"{where} {_TYPE_PHRASES[_kind(node)]}, got {value!r}")
+        return ParamsError(f"{where} must be one of {list(typing.get_args(_unwrap(node)[0]))}, got {value!r}")
+    if kind == "length":
+        return ParamsError(f"{where} {ctx['problem']}, got {ctx['actual']}")
+    if kind == "greater_than_equal":
+        return ParamsError(f"{where} must be >= {ctx['ge']}, got {value!r}")
+    if kind == "less_than_equal":
+        return ParamsError(f"{where} must be <= {ctx['le']}, got {value!r}")
+    return ParamsError(f"{where}: {error['msg']}")
 
 
-def _validate(node: Any, value: Any, path: tuple[str, ...], src: str) -> Any:
-    if isinstance(node, Spec):
-        return _check_leaf(node, value, path, src)
-    if isinstance(node, Overrides):
-        return _check_overrides(value, path, src)
-    if isinstance(node, MapOf):
-        if not isinstance(value, dict):
-            raise ParamsError(f"{src}: key '{_where(path)}' must be a mapping of names")
-        return {str(k): _validate(node.value, v, path + (str(k),), src) for k, v in value.items()}
-    if not isinstance(value, dict):
-        raise ParamsError(f"{src}: key '{_where(path)}' must be a section (a mapping), got {value!r}")
-    for key in value:
-        if key not in node:
-            raise _unknown(str(key), list(node), path, src)
-    missing = [k for k in node if k not in value]
+def _first_problem(exc: ValidationError, root: Any, prefix: tuple[str, ...], src: str) -> ParamsError:
+    """The one error to report, as the file is read: unknown keys first, then missing ones (all those
+    of the first section missing any), then values."""
+    errors = exc.errors(include_url=False)
+    unknown = [e for e in errors if e["type"] == "extra_forbidden"]
+    if unknown:
+        return _params_error(unknown[0], root, prefix, src)
+    missing = [e for e in errors if e["type"] == "missing"]
     if missing:
-        raise ParamsError(
-            f"{src}: section '{_where(path)}' is missing key(s) {missing}; every key must be set "
-            "in the params file (see params.yaml for the full list)"
+        section = missing[0]["loc"][:-1]
+        keys = [str(e["loc"][-1]) for e in missing if e["loc"][:-1] == section]
+        return ParamsError(
+            f"{src}: section '{_where(prefix + tuple(map(str, section)))}' is missing key(s) {keys}; every key "
+            "must be set in the params file (see params.yaml for the full list)"
         )
-    return {k: _validate(node[k], value[k], path + (k,), src) for k in node}
+    return _params_error(errors[0], root, prefix, src)
+
+
+def _check_overrides(params: dict, src: str) -> None:
+    """Validate each trick's and run's overrides as the key they name, in place: a value is checked by
+    its section's own validator, with the rest of the section as the file gives it."""
+    recipes = [(("tricks", name), sets) for name, sets in params["tricks"].items()]
+    recipes += [(("runs", name, "set"), run["set"]) for name, run in params["runs"].items()]
+    for path, sets in recipes:
+        for dotted, value in sets.items():
+            if dotted.split(".")[0] not in RUN_SECTIONS:
+                raise ParamsError(
+                    f"{src}: key '{_where(path)}.{dotted}': a run may only change "
+                    f"{list(RUN_SECTIONS)}; '{dotted.split('.')[0]}' is shared by every run"
+                )
+            if _is_section(schema_at(dotted, f"{src}: in '{_where(path)}'")):
+                raise ParamsError(f"{src}: key '{_where(path)}.{dotted}' names a section, not a value")
+            *parents, key = dotted.split(".")
+            section = _node_at(Params, tuple(parents))
+            current = params
+            for part in parents:
+                current = current[part]
+            try:
+                checked = section.model_validate({**current, key: value})
+            except ValidationError as exc:
+                raise _first_problem(exc, section, path + tuple(parents), src) from None
+            sets[dotted] = getattr(checked, key)
 
 
 def _check_references(params: dict, src: str) -> None:
@@ -433,24 +615,6 @@ def _check_references(params: dict, src: str) -> None:
                 )
 
 
-def _check_transfer(params: dict, src: str) -> None:
-    """Rules between transfer keys that no single key's range can state."""
-    det = params["transfer"]["detection"]
-    # torchvision's FPN has five levels (layer1..layer4 and a max-pooled one), one anchor size each
-    if det["style"] == "fpn" and len(det["anchor_sizes"]) != 5:
-        raise ParamsError(
-            f"{src}: key 'transfer.detection.anchor_sizes' must have 5 items with style fpn (one per "
-            f"level: layer1..layer4 and the pooled level), got {len(det['anchor_sizes'])}"
-        )
-    for stage in ("rpn", "box"):  # torchvision's Matcher needs background IoU <= foreground IoU
-        low, high = det[f"{stage}_bg_iou_thresh"], det[f"{stage}_fg_iou_thresh"]
-        if low > high:
-            raise ParamsError(
-                f"{src}: key 'transfer.detection.{stage}_bg_iou_thresh' ({low}) must not exceed "
-                f"'transfer.detection.{stage}_fg_iou_thresh' ({high})"
-            )
-
-
 def _lineage(runs: dict, name: str, src: str) -> list[str]:
     chain, seen = [], set()
     while name is not None:
@@ -460,15 +624,6 @@ def _lineage(runs: dict, name: str, src: str) -> list[str]:
         chain.append(name)
         name = runs[name]["base"]
     return chain[::-1]
-
-
-def _check_sizes(params: dict, src: str) -> None:
-    synthetic = params["synthetic"]
-    if synthetic["min_size"] > synthetic["max_size"]:
-        raise ParamsError(
-            f"{src}: key 'synthetic.min_size' ({synthetic['min_size']}) is above 'synthetic.max_size' "
-            f"({synthetic['max_size']}); set min_size <= max_size"
-        )
 
 
 def _check_schedule(resolved: dict) -> None:
@@ -561,12 +716,11 @@ def _read_yaml(path: Path) -> dict:
 def _overlay(base: Any, over: Any, node: Any) -> Any:
     """Mappings merge key by key; values, lists and a recipe's overrides (`tricks.<name>`,
     `runs.<name>.set`) are replaced whole, so no base override survives unseen in a profile."""
-    if isinstance(node, Overrides) or not isinstance(base, dict) or not isinstance(over, dict):
+    if node is None or _is_overrides(node) or not isinstance(base, dict) or not isinstance(over, dict):
         return copy.deepcopy(over)
     merged = copy.deepcopy(base)
     for key, value in over.items():
-        child = node.value if isinstance(node, MapOf) else node.get(key) if isinstance(node, dict) else None
-        merged[key] = _overlay(base[key], value, child) if key in base else copy.deepcopy(value)
+        merged[key] = _overlay(base[key], value, _child(node, str(key))) if key in base else copy.deepcopy(value)
     return merged
 
 
@@ -590,7 +744,7 @@ def _read_profile(path: Path) -> dict:
     for overlay in files[1:]:
         over = _read_yaml(overlay)
         over.pop("extends")
-        base, raw = raw, _overlay(raw, over, SCHEMA)
+        base, raw = raw, _overlay(raw, over, Params)
         base_paths, paths = base.get("paths") or {}, raw.get("paths") or {}
         shared = [f"paths.{key}" for key in paths
                   if isinstance(base_paths, dict) and base_paths.get(key) == paths[key]]
@@ -604,18 +758,20 @@ def _read_profile(path: Path) -> dict:
 
 
 def load(path: str | Path = DEFAULT_PARAMS, sets: list[str] | tuple[str, ...] = ()) -> dict:
-    """Read, override and validate a params file; the result has every key of SCHEMA."""
+    """Read, override and validate a params file; the result is a plain dict with every key of `Params`."""
     path = Path(path)
     src = str(path)
     raw = _read_profile(path)
     for assignment in sets:
         apply_set(raw, assignment)
-    params = _validate(SCHEMA, raw, (), src)
+    try:
+        params = Params.model_validate(raw).model_dump()
+    except ValidationError as exc:
+        raise _first_problem(exc, Params, (), src) from None
+    _check_overrides(params, src)
     _check_references(params, src)
-    _check_transfer(params, src)
     params["_source"] = src
     params["_sets"] = [a.split("=", 1)[0] for a in sets]
-    _check_sizes(params, src)
     return params
 
 
