@@ -20,7 +20,7 @@ from pipeline_src.loader.decoders import SeededRandomResizedCrop
 from pipeline_src.loader.kernels import copy_image
 from pipeline_src.loader.pipelines import (Augment, FastLoader, _ffcv_loader, _label_pipeline, _order_seed,
                                            image_pipeline)
-from pipeline_src.loader.state import EpochState, state_reader
+from pipeline_src.loader.state import EpochState, read_state
 from pipeline_src.loader.transforms import Normalize, SampleOp, SeededFlip
 
 
@@ -75,13 +75,13 @@ class ColorJitter(SampleOp):
 
     def generate_code(self) -> Callable:
         my_range = Compiler.get_iterator()
-        read_state = state_reader(self.state.address)
+        address = self.state.address
         strengths = self.strengths
         sample_key, color_steps, stream = draws.sample_key, draws.color_steps, draws.STREAM_JITTER
         max_steps = draws.MAX_STEPS
 
         def jitter(images, dst, indices):
-            seed, epoch = read_state()
+            seed, epoch = read_state(np.int64(address))
             for i in my_range(images.shape[0]):
                 m = np.empty((max_steps, 3, 3))
                 beta = np.empty(max_steps)
@@ -108,13 +108,13 @@ class PCALighting(SampleOp):
 
     def generate_code(self) -> Callable:
         my_range = Compiler.get_iterator()
-        read_state = state_reader(self.state.address)
+        address = self.state.address
         std, eigval, eigvec = self.std, self.eigval, self.eigvec
         sample_key, lighting_shift = draws.sample_key, draws.lighting_shift
         stream = draws.STREAM_LIGHTING
 
         def lighting(images, dst, indices):
-            seed, epoch = read_state()
+            seed, epoch = read_state(np.int64(address))
             for i in my_range(images.shape[0]):
                 shift = lighting_shift(sample_key(seed, epoch, indices[i], stream), std, eigval, eigvec)
                 apply_shift(images[i], dst[i], shift.astype(np.float32))

@@ -439,6 +439,25 @@ def test_resume_in_a_fresh_process_gives_the_same_epoch(train_epochs, textured_b
 
 
 @pytest.mark.timeout(120)
+def test_a_second_process_loads_the_decoders_kernels_from_the_cache(train_epochs, textured_beton):
+    """After this process compiled them (train_epochs), a fresh one compiles none of the kernels
+    the decoder calls: only ffcv's generated closures are compiled per process."""
+    script = (
+        "import sys, json, torch\n"
+        "from pipeline_src import params as params_mod\n"
+        "from pipeline_src.loader import draws, kernels, make_train_loader, state\n"
+        "p = params_mod.load(sys.argv[2], json.loads(sys.argv[3]))\n"
+        f"next(iter(make_train_loader(sys.argv[1], p, {BATCH}, 0, torch.device('cpu'))))\n"
+        "used = (state.read_state, kernels.augment_image, kernels.area_resize, kernels.decode_scale, draws.random_crop)\n"
+        "print(json.dumps({f.py_func.__name__: [len(f.stats.cache_hits), len(f.stats.cache_misses)] for f in used}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(textured_beton), str(REPO / "params.yaml"),
+                           json.dumps(BASE_SETS)], cwd=REPO, check=True, timeout=110, capture_output=True, text=True)
+    stats = json.loads(done.stdout.strip().splitlines()[-1])
+    assert all(hits >= 1 and misses == 0 for hits, misses in stats.values()), stats
+
+
+@pytest.mark.timeout(120)
 def test_device_path_gives_the_worker_path_batches(train_epochs, textured_beton):
     """The torch ops (gpu.py, here on CPU tensors) draw and compute what the numba workers do."""
     _, first, _, _ = train_epochs

@@ -24,11 +24,13 @@ from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 
 from . import draws
-from .kernels import area_resize, decode_scale
-from .state import EpochState, state_reader
+from .kernels import area_resize, augment_image, decode_scale
+from .state import EpochState, read_state
 from .transforms import FusedAugment
 
 CROP_LIBRARY = Path(__file__).with_name("_jpegcrop.so")
+# the augment arguments of a decoder without FusedAugment: typed as real ones, never used
+NO_AUGMENT = FusedAugment(False, (0.0, 0.0, 0.0, 0.0), 0.0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 
 def _load_crop_library() -> ctypes.CDLL | None:
@@ -65,11 +67,6 @@ def crop_decode(data: np.ndarray, dst: np.ndarray, scale: int, top: int, left: i
 def _no_crop_decode(data, dst, scale, top, left, height, width, region):
     """The stand-in for `crop_decode` when the library is not built: always the full decode."""
     return -1
-
-
-@njit(cache=True)
-def _no_augment(src, dst, sample, seed, epoch):
-    """The decoder's per-crop hook when it has no FusedAugment."""
 
 
 @njit(cache=True)
@@ -131,14 +128,14 @@ class SeededRandomResizedCrop(Operation):
         imdecode_c = Compiler.compile(imdecode)
         resize_crop_c = Compiler.compile(resize_crop)
         crop_decode_c = Compiler.compile(crop_decode) if self.region_decode else _no_crop_decode
-        read_state = state_reader(self.state.address)
+        address = self.state.address
         area_lo, area_hi = self.area
         ratio_lo, ratio_hi = self.ratio
         out_h, out_w = self.output_size
         max_scale = self.max_decode_scale
         sample_key, random_crop, stream = draws.sample_key, draws.random_crop, draws.STREAM_CROP
         augmented = self.augment is not None
-        apply = self.augment.per_image() if augmented else _no_augment
+        flip, strengths, std, eigval, eigvec, mean, inv_std = (self.augment or NO_AUGMENT).kernel_args()
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             if augmented:
@@ -146,7 +143,7 @@ class SeededRandomResizedCrop(Operation):
             else:
                 destination, temp_storage, regions = my_storage
                 crops = destination
-            seed, epoch = read_state()
+            seed, epoch = read_state(np.int64(address))
             for dst_ix in my_range(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
                 field = metadata[source_ix]
@@ -182,7 +179,8 @@ class SeededRandomResizedCrop(Operation):
                 else:
                     resize_crop_c(image, top - row0, top - row0 + h, left - col0, left - col0 + w, crop)
                 if augmented:
-                    apply(crop, destination[dst_ix], source_ix, seed, epoch)
+                    augment_image(crop, destination[dst_ix], source_ix, seed, epoch, flip, strengths, std, eigval,
+                                  eigvec, mean, inv_std)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True

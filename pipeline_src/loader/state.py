@@ -5,8 +5,6 @@ by its address, and the loader updates that buffer before each epoch.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 from numba import carray, njit
 
@@ -37,13 +35,12 @@ class EpochState:
 
 
 
-def state_reader(address: int) -> Callable:
-    """A compiled getter of (seed, epoch) from an EpochState's buffer."""
+@njit(cache=True)
+def read_state(address):
+    """(seed, epoch) from the EpochState buffer at `address`; cached, unlike a closure over the address.
 
-    @njit
-    def read_state():
-        view = carray(cast_int_to_byte_ptr(address), 16).view(np.int64)
-        return view[0], view[1]
-
-    return read_state
-
+    Call it as read_state(np.int64(address)) from compiled code: an int captured by a closure is
+    typed as a literal, and its value (the address) would be a new signature, compiled, per process.
+    """
+    view = carray(cast_int_to_byte_ptr(address), 16).view(np.int64)
+    return view[0], view[1]

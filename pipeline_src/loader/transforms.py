@@ -12,7 +12,6 @@ from dataclasses import replace
 from typing import Callable
 
 import numpy as np
-from numba import njit
 
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
@@ -20,8 +19,8 @@ from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 
 from . import draws
-from .kernels import augment_image, copy_image
-from .state import EpochState, state_reader
+from .kernels import copy_image
+from .state import EpochState, read_state
 
 
 def check_jit(op: Operation, state: State) -> None:
@@ -54,11 +53,11 @@ class SeededFlip(SampleOp):
 
     def generate_code(self) -> Callable:
         my_range = Compiler.get_iterator()
-        read_state = state_reader(self.state.address)
+        address = self.state.address
         sample_key, flip_draw, stream = draws.sample_key, draws.flip_draw, draws.STREAM_FLIP
 
         def flip(images, dst, indices):
-            seed, epoch = read_state()
+            seed, epoch = read_state(np.int64(address))
             for i in my_range(images.shape[0]):
                 copy_image(images[i], dst[i], flip_draw(sample_key(seed, epoch, indices[i], stream)))
             return dst[:images.shape[0]]
@@ -97,16 +96,13 @@ class FusedAugment:
         return tuple(name for name, on in (("flip", self.flip), ("jitter", bool(self.strengths.any())),
                                            ("lighting", self.lighting_std > 0), ("normalize", True)) if on)
 
-    def per_image(self) -> Callable:
-        """A compiled apply(src, dst, sample, seed, epoch): this op on one image (draws included)."""
-        flip, strengths, std, eigval, eigvec = self.flip, self.strengths, self.lighting_std, self.eigval, self.eigvec
-        mean, inv_std = self.mean, self.inv_std
+    def kernel_args(self) -> tuple:
+        """`kernels.augment_image`'s arguments after (src, dst, sample, seed, epoch).
 
-        @njit
-        def apply(src, dst, sample, seed, epoch):
-            augment_image(src, dst, sample, seed, epoch, flip, strengths, std, eigval, eigvec, mean, inv_std)
-
-        return apply
+        The decoder passes them to the cached kernel itself: a compiled closure over them would be
+        compiled again in every process (numba cannot cache closures).
+        """
+        return (self.flip, self.strengths, self.lighting_std, self.eigval, self.eigvec, self.mean, self.inv_std)
 
 
 class Normalize(Operation):
