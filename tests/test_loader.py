@@ -35,23 +35,11 @@ from pipeline_src.loader.transforms import Normalize
 
 import loader_reference as reference
 
-# ffcv 1.0.2 + numba: freeing one loader while another exists makes a numba dispatcher finalizer
-# print a KeyError (plain ffcv does it too); it is harmless, and only that warning is silenced.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")
-
 REPO = Path(__file__).resolve().parents[1]
 BASE_SETS = ["loader.res=32", "loader.val_res=32", "loader.num_workers=2", "train.channels_last=true"]
 BATCH = 32
 N_FLAT, N_GRADIENT, N_TEXTURED = 64, 32, 128
 STRENGTHS = np.array([0.4, 0.4, 0.4, 0.0])
-
-
-@pytest.fixture(autouse=True)
-def collect_loaders():
-    """Free dead loaders inside the test, where the warning filter above applies."""
-    yield
-    gc.collect()
 
 
 def load_params(*sets: str) -> dict:
@@ -385,7 +373,7 @@ def train_epochs(textured_beton):
     take_epoch(loader, 2, limit=1)  # stop mid-epoch: the pipeline thread must stop cleanly
     again = take_epoch(loader, 1)
     yield len(loader), first, second, again
-    del loader  # freed here, not at the end of the session (see pytestmark)
+    del loader  # freed here, not at the end of the session
     gc.collect()
 
 
