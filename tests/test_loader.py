@@ -436,7 +436,8 @@ def test_a_second_process_loads_the_decoders_kernels_from_the_cache(train_epochs
         "from pipeline_src.loader import draws, kernels, make_train_loader, state\n"
         "p = params_mod.load(sys.argv[2], json.loads(sys.argv[3]))\n"
         f"next(iter(make_train_loader(sys.argv[1], p, {BATCH}, 0, torch.device('cpu'))))\n"
-        "used = (state.read_state, kernels.augment_image, kernels.area_resize, kernels.decode_scale, draws.random_crop)\n"
+        "used = (state.read_state, kernels.augment_image, kernels.area_resize, kernels.decode_scale,\n"
+        "        draws.random_crop)\n"
         "print(json.dumps({f.py_func.__name__: [len(f.stats.cache_hits), len(f.stats.cache_misses)] for f in used}))\n"
     )
     done = subprocess.run([sys.executable, "-c", script, str(textured_beton), str(REPO / "params.yaml"),

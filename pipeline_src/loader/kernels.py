@@ -175,12 +175,14 @@ def _color_step(row, mk, offset):
 
 @njit(fastmath=True, cache=True)
 def fused_augment(src, dst, mirror, m, beta, steps, shift, lighting, mean, inv_std):
-    """flip -> colour jitter steps -> lighting shift -> normalize, uint8 HWC in, float32 HWC (C-contiguous) out.
+    """flip -> colour jitter steps -> lighting shift -> normalize, uint8 HWC in, float32 HWC out
+    (both C-contiguous).
 
     The same maths, in the same float32 order, as the sequential ops (flip, jitter, lighting,
     normalize; kept as the reference in tests/loader_reference.py) run one after the other, but a
-    row at a time in a buffer that stays in cache and without the intermediate images: a contrast step's grey mean (of the image before that step) is
-    a pass over src that redoes the earlier steps row by row, then one pass writes the output.
+    row at a time in a buffer that stays in cache and without the intermediate images: a contrast
+    step's grey mean (of the image before that step) is a pass over src that redoes the earlier
+    steps row by row, then one pass writes the output.
     m (steps x 3 x 3) and beta come from `draws.color_steps`, shift from `draws.lighting_shift`
     (used when `lighting`).
     """
