@@ -53,49 +53,6 @@ def area_taps(start, length, n_out, n_src, origin):
 
 
 @njit(fastmath=True, cache=True)
-def _to_u8(value):
-    """A float32 sum rounded half to even and saturated to uint8, as OpenCV stores it."""
-    return np.uint8(min(max(np.rint(value), np.float32(0.0)), np.float32(255.0)))
-
-
-@njit(fastmath=True, cache=True)
-def _column_pass(line, first, weights, c_lo, out):
-    """out (flat uint8 RGB) = the output row from `line` (flat float32 RGB of columns c_lo on).
-
-    Unrolled for 2, 3 and 4 taps, the common case (a crop 1-3x the output): with the taps a loop,
-    the sums do not stay in registers and the pass takes about 1.4x as long.
-    """
-    taps = weights.shape[1]
-    for i in range(first.shape[0]):
-        b = (first[i] - c_lo) * 3
-        if taps == 2:
-            w0, w1 = weights[i, 0], weights[i, 1]
-            a0 = w0 * line[b] + w1 * line[b + 3]
-            a1 = w0 * line[b + 1] + w1 * line[b + 4]
-            a2 = w0 * line[b + 2] + w1 * line[b + 5]
-        elif taps == 3:
-            w0, w1, w2 = weights[i, 0], weights[i, 1], weights[i, 2]
-            a0 = w0 * line[b] + w1 * line[b + 3] + w2 * line[b + 6]
-            a1 = w0 * line[b + 1] + w1 * line[b + 4] + w2 * line[b + 7]
-            a2 = w0 * line[b + 2] + w1 * line[b + 5] + w2 * line[b + 8]
-        elif taps == 4:
-            w0, w1, w2, w3 = weights[i, 0], weights[i, 1], weights[i, 2], weights[i, 3]
-            a0 = w0 * line[b] + w1 * line[b + 3] + w2 * line[b + 6] + w3 * line[b + 9]
-            a1 = w0 * line[b + 1] + w1 * line[b + 4] + w2 * line[b + 7] + w3 * line[b + 10]
-            a2 = w0 * line[b + 2] + w1 * line[b + 5] + w2 * line[b + 8] + w3 * line[b + 11]
-        else:
-            a0 = a1 = a2 = np.float32(0.0)
-            for t in range(taps):
-                wt = weights[i, t]
-                a0 += wt * line[b + 3 * t]
-                a1 += wt * line[b + 3 * t + 1]
-                a2 += wt * line[b + 3 * t + 2]
-        out[3 * i] = _to_u8(a0)
-        out[3 * i + 1] = _to_u8(a1)
-        out[3 * i + 2] = _to_u8(a2)
-
-
-@njit(fastmath=True, cache=True)
 def area_resize(src, top, left, height, width, dst, origin_y, origin_x):
     """dst (uint8 HWC, C-contiguous) = the box [top, top + height) x [left, left + width) of an
     image, area-resized.
@@ -112,6 +69,7 @@ def area_resize(src, top, left, height, width, dst, origin_y, origin_x):
     c_hi = col0[out_w - 1] + col_w.shape[1]
     span = (c_hi - c_lo) * 3
     line = np.empty(span, np.float32)
+    taps = col_w.shape[1]
     for j in range(out_h):
         for v in range(span):
             line[v] = 0.0
@@ -121,7 +79,37 @@ def area_resize(src, top, left, height, width, dst, origin_y, origin_x):
                 row = src[row0[j] + t].reshape(-1)[c_lo * 3:c_hi * 3]
                 for v in range(span):
                     line[v] += wt * np.float32(row[v])
-        _column_pass(line, col0, col_w, c_lo, dst[j].reshape(-1))
+        # the column pass, unrolled for 2, 3 and 4 taps (a crop 1-3x the output): with the taps a
+        # loop, the sums do not stay in registers and the pass takes about 1.4x as long
+        out = dst[j].reshape(-1)
+        for i in range(out_w):
+            b = (col0[i] - c_lo) * 3
+            if taps == 2:
+                w0, w1 = col_w[i, 0], col_w[i, 1]
+                a0 = w0 * line[b] + w1 * line[b + 3]
+                a1 = w0 * line[b + 1] + w1 * line[b + 4]
+                a2 = w0 * line[b + 2] + w1 * line[b + 5]
+            elif taps == 3:
+                w0, w1, w2 = col_w[i, 0], col_w[i, 1], col_w[i, 2]
+                a0 = w0 * line[b] + w1 * line[b + 3] + w2 * line[b + 6]
+                a1 = w0 * line[b + 1] + w1 * line[b + 4] + w2 * line[b + 7]
+                a2 = w0 * line[b + 2] + w1 * line[b + 5] + w2 * line[b + 8]
+            elif taps == 4:
+                w0, w1, w2, w3 = col_w[i, 0], col_w[i, 1], col_w[i, 2], col_w[i, 3]
+                a0 = w0 * line[b] + w1 * line[b + 3] + w2 * line[b + 6] + w3 * line[b + 9]
+                a1 = w0 * line[b + 1] + w1 * line[b + 4] + w2 * line[b + 7] + w3 * line[b + 10]
+                a2 = w0 * line[b + 2] + w1 * line[b + 5] + w2 * line[b + 8] + w3 * line[b + 11]
+            else:
+                a0 = a1 = a2 = np.float32(0.0)
+                for t in range(taps):
+                    wt = col_w[i, t]
+                    a0 += wt * line[b + 3 * t]
+                    a1 += wt * line[b + 3 * t + 1]
+                    a2 += wt * line[b + 3 * t + 2]
+            # rounded half to even and saturated, as OpenCV stores its float sums
+            out[3 * i] = np.uint8(min(max(np.rint(a0), np.float32(0.0)), np.float32(255.0)))
+            out[3 * i + 1] = np.uint8(min(max(np.rint(a1), np.float32(0.0)), np.float32(255.0)))
+            out[3 * i + 2] = np.uint8(min(max(np.rint(a2), np.float32(0.0)), np.float32(255.0)))
 
 
 @njit(fastmath=True, cache=True)
