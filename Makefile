@@ -14,8 +14,10 @@ PROFILE ?= params.yaml
 run: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/snakemake --cores all --config params_file=$(PROFILE)
 
+# One pytest worker per core (at most 4), a test file per worker at a time: a file's module fixtures
+# (the end-to-end DAG: the longest, so conftest puts it first) are built once.
 test: setup
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder tests
 
 # Outputs from the DVC remote, then `snakemake --touch`: pulled files have new mtimes, which Snakemake
 # would take for changed inputs; touching records them (and the current settings) as up to date.

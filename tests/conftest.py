@@ -57,6 +57,15 @@ def micro(tmp_path_factory) -> Path:
     return path
 
 
+# Test files that take minutes, run first: under `make test`'s workers (pytest-xdist, a file per
+# worker) they then overlap the many short files instead of running alone at the end.
+LONGEST_FIRST = ("test_pipeline_e2e.py",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the rest keep their order
+
+
 SMALL_DISK_BYTES = 2 * 1024 * 1024
 
 
