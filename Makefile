@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SYSTEM_PACKAGES := pkg-config libturbojpeg0-dev libjpeg62-turbo-dev libopencv-dev
+SYSTEM_PACKAGES := pkg-config libturbojpeg0-dev libjpeg62-turbo-dev libopencv-dev libtcmalloc-minimal4
 JPEGCROP := pipeline_src/loader/_jpegcrop.so
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PROFILE ?= params.yaml
@@ -37,7 +37,7 @@ $(JPEGCROP): pipeline_src/loader/jpegcrop.c | system-packages
 	$(CC) -O2 -shared -fPIC -Wall -Wextra -Werror -o $@.tmp $< -ljpeg && mv $@.tmp $@
 
 # ffcv compiles against libturbojpeg and OpenCV, found through pkg-config; the crop decoder
-# against libjpeg-turbo (libjpeg62-turbo-dev).
+# against libjpeg-turbo (libjpeg62-turbo-dev); training jobs preload tcmalloc (launch.allocator).
 system-packages:
 	@if ! dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1; then \
 	  echo "installing system packages: $(SYSTEM_PACKAGES)"; \

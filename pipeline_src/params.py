@@ -243,6 +243,7 @@ class Monitor(_Section):
 
 class Launch(_Section):
     nodes: _int(1)
+    allocator: Literal["tcmalloc", "jemalloc", "system"]
 
 
 class Distill(_Section):

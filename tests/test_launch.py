@@ -163,3 +163,61 @@ def test_two_nodes_of_one_process_match_one_process(micro, tmp_path):
     h1 = json.loads((single / "history.json").read_text())
     h2 = json.loads((nodes / "history.json").read_text())
     assert h1["lr_curve"] == h2["lr_curve"] and h1["lr_curve"][0][1] == pytest.approx(0.00003 * 48 / 16)
+
+
+def _launch_env(tmp_path: Path) -> dict:
+    """This machine's environment without a preload of its own, on the CPU, with `tmp_path` importable."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD")}
+    return {**env, "PIPELINE_GPUS": "", "PYTHONPATH": f"{tmp_path}:{ROOT}"}
+
+
+def test_the_stage_process_runs_on_the_allocator_its_params_name(tmp_path):
+    """tcmalloc (the default, which make setup installs) is mapped into the stage process; `system` keeps
+    glibc's malloc. The launcher reads the stage's own --params / --set."""
+    (tmp_path / "show_malloc.py").write_text(
+        "import os, pathlib\nmaps = pathlib.Path('/proc/self/maps').read_text()\n"
+        "print('libtcmalloc' in maps, os.environ.get('TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD'))\n")
+
+    def run(*sets: str) -> list[str]:
+        cmd = [sys.executable, "-m", "pipeline_src.launch", "--", "show_malloc", "--params", str(ROOT / "params.yaml"),
+               *[arg for assignment in sets for arg in ("--set", assignment)]]
+        return subprocess.run(cmd, env=_launch_env(tmp_path), cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60, check=True).stdout.split()
+
+    assert run() == ["True", str(1 << 40)]
+    assert run("launch.allocator=system") == ["False", "None"]
+
+
+def test_an_allocator_that_is_not_installed_is_a_warning_and_the_system_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(launch.ALLOCATOR_LIBRARIES, "jemalloc", "libnot-installed.so.9")
+    assert launch.allocator_env("jemalloc", {}) == {}
+    assert "launch.allocator is jemalloc but libnot-installed.so.9 is not installed" in capsys.readouterr().err
+    system = launch.find_library("libtcmalloc_minimal.so.4", {})
+    assert system is not None  # make setup installs it
+    env = launch.allocator_env("tcmalloc", {"LD_PRELOAD": "/opt/other.so"})
+    assert env["LD_PRELOAD"] == f"{system} /opt/other.so"  # prepended to the user's own preload
+    assert launch.allocator_env("tcmalloc", {"LD_PRELOAD": system, "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "1"}) == {}
+    # A conda env's library comes first; a file that is no library of this process's kind is passed over.
+    conda_lib = tmp_path / "conda" / "lib"
+    conda_lib.mkdir(parents=True)
+    (conda_lib / "libtcmalloc_minimal.so.4").write_bytes(b"not an ELF file at all")
+    assert launch.find_library("libtcmalloc_minimal.so.4", {"CONDA_PREFIX": str(tmp_path / "conda")}) == system
+    (conda_lib / "libtcmalloc_minimal.so.4").write_bytes(Path(system).read_bytes())
+    assert launch.find_library("libtcmalloc_minimal.so.4", {"CONDA_PREFIX": str(tmp_path / "conda")}) == \
+        str(conda_lib / "libtcmalloc_minimal.so.4")
+
+
+def test_the_allocator_changes_no_trained_number(micro, tmp_path):
+    """The same run under tcmalloc and under glibc's malloc ends with bit-identical weights and metrics."""
+    outs = {}
+    for allocator in ("tcmalloc", "system"):
+        outs[allocator] = tmp_path / allocator
+        subprocess.run([sys.executable, "-m", "pipeline_src.launch", "--", "pipeline_src.train", "--params", str(micro),
+                        "--run", "baseline", "--seed", "0", "--set", "train.epochs=1", "--set", "train.step_milestones=[]",
+                        "--set", f"launch.allocator={allocator}", "--out", str(outs[allocator])],
+                       env=_launch_env(tmp_path), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    a, _ = load_model_weights(outs["tcmalloc"] / "model.pt")
+    b, _ = load_model_weights(outs["system"] / "model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    top1 = [json.loads((out / "metrics.json").read_text())["top1"] for out in outs.values()]
+    assert top1[0] == top1[1]
