@@ -5,6 +5,7 @@
 #                              teacher[teacher.seed] -> train[distilled student, seed] -/
 #   train[backbone, transfer seed] -> transfer_detection (VOC), transfer_segmentation (ADE20K) -/
 #   `snakemake ablations` adds the single-trick and leave-one-out runs (and re-renders the report).
+import sys
 from pathlib import Path
 
 from pipeline_src import graph
@@ -53,6 +54,13 @@ rule ablations:
         "workflow/envs/pipeline.yaml"
     shell:
         f"{PY}.report {ARGS}{LOGGED}"
+
+
+onstart:
+    # dvc.yaml is generated from the params (pipeline_src.graph): after an edit of the run matrix
+    # (study.seeds, the tables) it is rewritten here, before the jobs, not found stale at the end.
+    if graph.refresh_dvc_file(PARAMS_FILE):
+        print(f"{graph.dvc_file(PARAMS_FILE)}: regenerated from {PARAMS_FILE} (its stages changed)", file=sys.stderr)
 
 
 onsuccess:

@@ -282,6 +282,26 @@ def render(params_file: str = params_mod.DEFAULT_PARAMS, out: str = "dvc.yaml", 
     return HEADER.format(args=args) + body
 
 
+def refresh_dvc_file(params_file: str = params_mod.DEFAULT_PARAMS, root: str | Path = ".") -> bool:
+    """Rewrite the profile's dvc.yaml when it no longer is what its params generate; True if it did.
+
+    A changed run matrix (study.seeds, the tables, a new run) or stage code changes the graph: the
+    Snakefile calls this before its jobs, so its closing `dvc commit` and `dvc repro` see the stages
+    Snakemake runs. A profile without a dvc.yaml is left without one (DVC is opt-in there).
+    """
+    out = dvc_file(params_file)
+    path = Path(root) / out
+    if not path.is_file():
+        return False
+    text = render(params_file, out, root)
+    if path.read_text() == text:
+        return False
+    from pipeline_src.io import write_text
+
+    write_text(path, text)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=params_mod.DEFAULT_PARAMS, help="the profile (default: params.yaml)")

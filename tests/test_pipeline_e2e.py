@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from conftest import write_micro_params
+from pipeline_src import graph
 from pipeline_src import params as params_mod
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,6 +182,25 @@ def test_workflow_report_shows_the_jobs(workspace):
     _run([*SNAKEMAKE, "--report", "reports/workflow.html"], workspace)
     html = (workspace / "reports" / "workflow.html").read_text()
     assert "transfer_segmentation" in html and "train" in html
+
+
+def test_a_stale_dvc_yaml_is_regenerated_before_the_jobs(workspace):
+    """A dvc.yaml generated for another run matrix (one more seed) is rewritten when the run starts,
+    so the closing `dvc commit` records this run's outputs instead of failing on the other's."""
+    dvc_yaml = workspace / "dvc.yaml"
+    current = dvc_yaml.read_text()
+    raw = yaml.safe_load((workspace / "params.yaml").read_text())
+    raw["study"]["seeds"] = [*raw["study"]["seeds"], max(raw["study"]["seeds"]) + 1]
+    (workspace / "more-seeds.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        dvc_yaml.write_text(graph.render("more-seeds.yaml", "dvc.yaml", root=workspace))
+    finally:
+        (workspace / "more-seeds.yaml").unlink()
+    (workspace / "reports" / "report.md").unlink()  # some work to do: a run without jobs starts nothing
+    out = _run(SNAKEMAKE, workspace)
+    assert "dvc.yaml: regenerated from params.yaml" in out
+    assert dvc_yaml.read_text() == current
+    assert _dvc_stale(workspace) == set()
 
 
 def test_dvc_remote_round_trip_leaves_snakemake_nothing_to_do(workspace, tmp_path):

@@ -67,6 +67,24 @@ def test_dvc_yaml_is_what_the_graph_generates():
     )
 
 
+def test_refresh_rewrites_a_dvc_yaml_that_another_run_matrix_generated(tmp_path):
+    """The bug it fixes: with study.seeds edited to [0], `make run` trained everything, then its
+    closing `dvc commit` failed on the missing seed-1 outputs the stale dvc.yaml still named."""
+    (tmp_path / "pipeline_src").symlink_to(ROOT / "pipeline_src")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["study"]["seeds"] = [0]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")  # generated for seeds 0, 1, 2
+
+    assert graph.refresh_dvc_file(root=tmp_path)
+    text = (tmp_path / "dvc.yaml").read_text()
+    assert text == graph.render(root=tmp_path) != (ROOT / "dvc.yaml").read_text()
+    assert yaml.safe_load(text)["stages"]["train"]["matrix"]["seed"] == [0]
+    assert not graph.refresh_dvc_file(root=tmp_path)  # in step now: nothing written
+    assert not graph.refresh_dvc_file("configs/imagenet.yaml", root=tmp_path)  # no dvc.yaml of its own: none made
+    assert not (tmp_path / graph.dvc_file("configs/imagenet.yaml")).exists()
+
+
 def _assert_one_graph(jobs: list, dvc: dict[str, tuple[str, set[str]]], params: dict) -> None:
     """Each Snakemake job is a DVC stage with the same outputs, its inputs + its stage's code as
     deps, and a plan file holding exactly the job's settings."""
