@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+STAGE_ROUNDS = 5  # passes over the decode files per stage in stages_us_per_image_one_core
 sys.path.insert(0, str(REPO))
 
 from pipeline_src import params as params_mod  # noqa: E402
@@ -230,9 +231,12 @@ def decode_rates(files: list[Path]) -> dict:
     return out
 
 
-def stage_costs(files: list[Path], params: dict) -> dict:
+def stage_costs(files: list[Path], params: dict, rounds: int = STAGE_ROUNDS) -> dict:
     """Our decoder's stages one at a time, single-threaded, on the crops the loader draws (seed 0,
-    epoch 0): microseconds per image of CPU time (`time.thread_time`)."""
+    epoch 0): microseconds per image of CPU time (`time.thread_time_ns` around each call), the median
+    of `rounds` passes over the files with the stages' order reversed every pass. One pass of each
+    varied by up to 2x on a quiet machine, and the resize, timed as (region + resize) - region
+    before, even came out negative."""
     from ffcv.libffcv import imdecode
     from PIL import Image
 
@@ -280,19 +284,30 @@ def stage_costs(files: list[Path], params: dict) -> dict:
         kernels.augment_image(crop, out, 0, 0, 0, bool(a["flip"]), strengths, float(a["lighting_std"]),
                               draws.PCA_EIGVAL, draws.PCA_EIGVEC, mean, inv_std)
 
-    def cost(fn) -> float:
-        fn(jobs[0])  # compile
-        start = time.thread_time()
+    def cost(fn, before=None) -> float:
+        """CPU microseconds of fn per job; `before` (untimed) puts the job's input in place."""
+        total = 0
         for job in jobs:
+            if before is not None:
+                before(job)
+            start = time.thread_time_ns()
             fn(job)
-        return round(1e6 * (time.thread_time() - start) / len(jobs), 1)
+            total += time.thread_time_ns() - start
+        return total / len(jobs) / 1000
 
-    out_costs = {"full_decode": cost(lambda j: full(j, 1)),
-                 "scaled_full_decode": cost(lambda j: full(j, j[7]))}
+    stages = {"full_decode": (lambda j: full(j, 1), None), "scaled_full_decode": (lambda j: full(j, j[7]), None)}
     if decoders.HAS_CROP_DECODE:
-        out_costs["region_decode"] = cost(region_decode)
-        out_costs["area_resize"] = round(cost(lambda j: (region_decode(j), resize(j))) - out_costs["region_decode"], 1)
-    out_costs["fused_augment"] = cost(augment)
+        stages.update(region_decode=(region_decode, None), area_resize=(resize, region_decode))
+    stages["fused_augment"] = (augment, None)
+    for fn, before in stages.values():  # compile
+        if before is not None:
+            before(jobs[0])
+        fn(jobs[0])
+    passes: dict[str, list[float]] = {name: [] for name in stages}
+    for r in range(rounds):
+        for name in (list(stages) if r % 2 == 0 else list(reversed(stages))):
+            passes[name].append(cost(*stages[name]))
+    out_costs: dict = {name: round(statistics.median(v), 1) for name, v in passes.items()}
     scales = [j[7] for j in jobs]
     out_costs["decode_scale_share"] = {str(d): round(scales.count(d) / len(scales), 3) for d in (1, 2, 4, 8)}
     out_costs["crop_library_built"] = decoders.HAS_CROP_DECODE
