@@ -27,6 +27,7 @@ import yaml
 
 from pipeline_src import params as params_mod
 from pipeline_src.errors import run_main
+from pipeline_src.io import write_text
 
 # The modules each stage runs (`python -m <module>`): training goes through the GPU launcher, whose
 # code is the stage's code too.
@@ -296,8 +297,6 @@ def refresh_dvc_file(params_file: str = params_mod.DEFAULT_PARAMS, root: str | P
     text = render(params_file, out, root)
     if path.read_text() == text:
         return False
-    from pipeline_src.io import write_text
-
     write_text(path, text)
     return True
 
@@ -312,8 +311,6 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         text = render(args.params, args.out or dvc_file(args.params))
         if args.out:
-            from pipeline_src.io import write_text
-
             write_text(args.out, text)
         else:
             sys.stdout.write(text)
