@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE_ROUNDS = 5  # passes over the decode files per stage in stages_us_per_image_one_core
+STAGE_ROUNDS = 5  # passes over the decode files per decoder and per stage (decode rates, stage costs)
 sys.path.insert(0, str(REPO))
 
 from pipeline_src import params as params_mod  # noqa: E402
@@ -199,8 +199,9 @@ def interleave(loaders: dict, epochs: int, repeats: int) -> dict[str, dict]:
     return out
 
 
-def decode_rates(files: list[Path]) -> dict:
-    """Single-threaded full-size decode of the same JPEGs from memory, images/s."""
+def decode_rates(files: list[Path], rounds: int = STAGE_ROUNDS) -> dict:
+    """Single-threaded full-size decode of the same JPEGs from memory, images/s: the median of
+    `rounds` passes over the files (single passes of one decoder varied by 15-30 % on an idle machine)."""
     import cv2
     from PIL import Image
     from ffcv.libffcv import imdecode
@@ -210,10 +211,13 @@ def decode_rates(files: list[Path]) -> dict:
     cv2.setNumThreads(1)
 
     def rate(fn) -> float:
-        start = clock()
-        for blob, size in zip(blobs, sizes):
-            fn(blob, size)
-        return round(len(blobs) / (clock() - start), 1)
+        passes = []
+        for _ in range(rounds):
+            start = clock()
+            for blob, size in zip(blobs, sizes):
+                fn(blob, size)
+            passes.append(len(blobs) / (clock() - start))
+        return round(statistics.median(passes), 1)
 
     def ffcv_turbo(blob, size):
         w, h = size
@@ -372,8 +376,10 @@ def main(argv: list[str] | None = None) -> dict:
     stdout_fd = os.dup(1)
     os.dup2(2, 1)
     try:
-        timed = interleave({"ffcv": make_train_loader(beton, params, args.batch, 0, torch.device("cpu")),
-                            "torchvision": torchvision_loader(train_dir, params, args.batch, args.workers),
+        # torchvision first: its warm-up forks the worker processes, and a fork after an ffcv loader
+        # has its buffers (ours keeps one set for all epochs) makes its next writes copy-on-write faults
+        timed = interleave({"torchvision": torchvision_loader(train_dir, params, args.batch, args.workers),
+                            "ffcv": make_train_loader(beton, params, args.batch, 0, torch.device("cpu")),
                             "stock_ffcv": StockFFCV(beton, params, args.batch, args.workers)},
                            args.epochs, args.repeats)
     finally:

@@ -397,6 +397,14 @@ def test_epoch_is_the_same_after_an_aborted_epoch(train_epochs):
     assert same_batches(second, again)
 
 
+@pytest.mark.timeout(120)
+def test_epochs_share_one_set_of_batch_buffers(plain_beton):
+    """ffcv allocates (and the kernel zero-fills) new batch buffers every epoch; ours keeps the first set."""
+    loader = make_train_loader(plain_beton, load_params(), BATCH, 0, torch.device("cpu"))
+    buffers = [[images.data_ptr() for images, _ in loader] for _ in range(2)]
+    assert len(buffers[0]) == len(loader) and buffers[0] == buffers[1]
+
+
 @pytest.mark.timeout(180)
 def test_resume_in_a_fresh_process_gives_the_same_epoch(train_epochs, textured_beton, tmp_path):
     """A new process that starts at epoch 1 gets epoch 1's batches; another seed does not (and no hang)."""
