@@ -22,10 +22,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
-from mlflow.utils.validation import (
+# MLflow 3 sends usage telemetry to its servers from a thread of every process that imports it; a
+# pipeline run reaches no network but its own tracking store. MLFLOW_DISABLE_TELEMETRY=false opts in.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402 (after the telemetry switch)
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.utils.validation import (  # noqa: E402
     MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,
     MAX_PARAMS_TAGS_PER_BATCH,

@@ -71,3 +71,17 @@ def test_status_comes_from_the_error_and_bugs_keep_their_traceback(capsys):
 
     with pytest.raises(KeyError):
         run_main("train", bug)
+
+
+def test_a_stage_process_exits_with_its_heap_frozen():
+    # atexit runs handlers last-registered first: one registered before run_main sees run_main's at work,
+    # however many stages the process ran. Without it the interpreter's last collection walks the heap.
+    code = ("import atexit, gc\n"
+            "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
+            "from pipeline_src.errors import run_main\n"
+            "run_main('a', lambda: None)\n"
+            "run_main('b', lambda: None)\n"
+            "print('frozen while running:', gc.get_freeze_count() > 0)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["frozen while running: False", "frozen at exit: True"]

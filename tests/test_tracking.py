@@ -375,3 +375,19 @@ def test_an_adhoc_run_never_resumes_the_pipelines_mlflow_run(tmp_path):
     adhoc.finish(tracking.FAILED)
     again = tracking.start_run(params, "baseline", 0, {"run_dir": "data/runs/baseline/seed0"})
     assert again.resumed and again.run_id == pipeline.run_id  # not the newer, ad-hoc one
+
+
+@pytest.mark.parametrize("setting, disabled", [(None, True), ("false", False)])
+def test_mlflow_telemetry_is_off_unless_the_user_opts_in(setting, disabled):
+    # MLflow itself turns telemetry off under pytest and CI: the child process has neither variable.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTEST_CURRENT_TEST", "CI", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")}
+    if setting is not None:
+        env["MLFLOW_DISABLE_TELEMETRY"] = setting
+    code = ("import pipeline_src.tracking\n"
+            "from mlflow.telemetry.utils import is_telemetry_disabled\n"
+            "print(is_telemetry_disabled())\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=PARAMS_FILE.parent, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(disabled)
