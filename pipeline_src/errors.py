@@ -43,7 +43,7 @@ def run_main(stage: str, body: Callable[[], object]) -> int:
     """Run a stage's body (its int result is the exit status, anything else means 0); known input and
     environment errors become one stderr line and their status."""
     # At exit the interpreter's last garbage collection walks every object torch, numba and MLflow
-    # made: 1.3-1.6 s a process (bench/README.md). Frozen objects are skipped; the OS frees them.
+    # made: 1.3-1.5 s a process (bench/README.md). Frozen objects are skipped; the OS frees them.
     atexit.unregister(gc.freeze)  # once, however many stages a process runs (the tests)
     atexit.register(gc.freeze)
     try:

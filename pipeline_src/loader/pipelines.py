@@ -21,6 +21,7 @@ next epoch starts (all epochs of a loader share one set of buffers, `_share_epoc
 """
 from __future__ import annotations
 
+import functools
 import queue
 import time
 from dataclasses import dataclass
@@ -201,15 +202,7 @@ def _share_epoch_buffers(loader: Loader) -> None:
     train loader's CPU on 2,000-image epochs of 300-500 px images (bench/README), and pinned host
     memory on CUDA. FastLoader never runs two epochs of a loader at once, so one set serves all.
     """
-    graph, allocated = loader.graph, {}
-    allocate = graph.allocate_memory
-
-    def allocate_once(batch_size: int, batch_slots: int):
-        if (batch_size, batch_slots) not in allocated:
-            allocated[batch_size, batch_slots] = allocate(batch_size, batch_slots)
-        return allocated[batch_size, batch_slots]
-
-    graph.allocate_memory = allocate_once
+    loader.graph.allocate_memory = functools.cache(loader.graph.allocate_memory)
 
 
 def _drain(it) -> Iterator[tuple]:
