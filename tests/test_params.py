@@ -191,10 +191,10 @@ def test_imagenet_profile_transfer_is_common_practice():
 
 def test_duplicate_key_is_an_error_naming_file_and_lines(tmp_path):
     text = (ROOT / "params.yaml").read_text()
-    assert "\n  epochs: 12\n" in text
+    assert "\n  epochs: 24" in text
     path = tmp_path / "dup.yaml"
-    path.write_text(text.replace("\n  epochs: 12\n", "\n  epochs: 12\n  epochs: 3\n", 1))
-    first = text[:text.index("\n  epochs: 12\n")].count("\n") + 2
+    path.write_text(text.replace("\n  epochs: 24", "\n  epochs: 3\n  epochs: 24", 1))
+    first = text[:text.index("\n  epochs: 24")].count("\n") + 2
     with pytest.raises(params_mod.ParamsError) as err:
         params_mod.load(path)
     msg = str(err.value)
@@ -207,12 +207,12 @@ def test_synthetic_sizes_must_be_ordered():
 
 
 @pytest.mark.parametrize("run, sets, pattern", [
-    ("baseline", ["train.warmup_epochs=12"],
-     r"run 'baseline': key 'train.warmup_epochs' \(12\) must be below 'train.epochs' \(12\)"),
-    ("baseline", ["train.epochs=3"], r"run 'baseline': key 'train.step_milestones' \[8, 11\] has \[8, 11\] outside"),
+    ("baseline", ["train.warmup_epochs=24"],
+     r"run 'baseline': key 'train.warmup_epochs' \(24\) must be below 'train.epochs' \(24\)"),
+    ("baseline", ["train.epochs=3"], r"run 'baseline': key 'train.step_milestones' \[16, 22\] has \[16, 22\] outside"),
     # a 2-epoch warmup reaches a milestone at epoch 2
     ("baseline", ["train.warmup_epochs=2", "train.step_milestones=[2, 10]"],
-     r"run 'baseline': .* has \[2\] outside \(warmup_epochs, epochs\) = \(2, 12\)"),
+     r"run 'baseline': .* has \[2\] outside \(warmup_epochs, epochs\) = \(2, 24\)"),
 ])
 def test_schedule_rules_name_the_run_and_keys(run, sets, pattern):
     params = params_mod.load(ROOT / "params.yaml", sets)
