@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         "exit_s": {name: {"median": median[name], "blocks": blocks[name]} for name in blocks},
         "speedup": median["plain"] / median["ours"],
         "saved_s_per_process": median["plain"] - median["ours"],
-        "load_average": os.getloadavg(),
+        "environment": {"load_average_1min": os.getloadavg()[0]},
     }
     print(json.dumps(result, indent=2))
     return result
