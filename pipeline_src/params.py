@@ -170,6 +170,7 @@ class Data(_Section):
 class Prepare(_Section):
     max_resolution: _int(16)
     jpeg_quality: _int(1, 100)
+    jpeg_restart_interval: _int(0, 65535)
     compress_probability: _float(0.0, 1.0)
     write_mode: Literal["raw", "jpg", "proportion"]
     num_workers: _int(1)

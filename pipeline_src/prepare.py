@@ -482,21 +482,54 @@ def beton_bytes(sizes: list[tuple[int, int]], settings: dict) -> int:
     return max(1, -(-int(data) // PAGE_SIZE)) * PAGE_SIZE + len(sizes) * METADATA_BYTES
 
 
+def image_field(settings: dict):
+    """ffcv's `RGBImageField` with `settings`' (prepare's) write mode, size and quality, its JPEGs
+    carrying a restart marker every `jpeg_restart_interval` MCUs (0: ffcv's own encoder). The
+    loader's crop decoder then Huffman-decodes only the restart intervals a crop touches
+    (loader/jpegcrop.c). ffcv's field has no encoder option, and its reader knows fields by their
+    exact class (a subclass would be read back as unknown), so the instance's `encode` is replaced."""
+    import_ffcv()
+    from ffcv.fields import RGBImageField
+
+    field = RGBImageField(write_mode=settings["write_mode"], max_resolution=settings["max_resolution"],
+                          jpeg_quality=settings["jpeg_quality"], compress_probability=settings["compress_probability"])
+    if settings["jpeg_restart_interval"] > 0:
+        field.encode = partial(_encode_restart_marked, field, settings["jpeg_restart_interval"])
+    return field
+
+
+def _encode_restart_marked(field, interval: int, destination, image, malloc) -> None:
+    """ffcv 1.0.2's `RGBImageField.encode` (raw, jpg, or one of them drawn from numpy's global RNG as
+    ffcv draws it), with OpenCV's restart interval added to the JPEG encoder's settings."""
+    import cv2
+    from ffcv.fields.rgb_image import IMAGE_MODES, resizer
+
+    image = resizer(np.asarray(image), field.max_resolution)
+    mode = field.write_mode
+    if mode == "proportion":
+        mode = "jpg" if np.random.rand() < field.proportion else "raw"
+    if mode == "jpg":
+        ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+                                [cv2.IMWRITE_JPEG_QUALITY, field.jpeg_quality, cv2.IMWRITE_JPEG_RST_INTERVAL, interval])
+        if not ok:
+            raise ValueError(f"OpenCV could not encode a {image.shape} image as JPEG")
+    else:
+        data = np.ascontiguousarray(image)
+    destination["mode"] = IMAGE_MODES[mode]
+    destination["height"], destination["width"] = image.shape[:2]
+    destination["data_ptr"], storage = malloc(data.nbytes)
+    storage[:] = data.reshape(-1)
+
+
 def write_beton(path: Path, items: list[Item], settings: dict, name: str = "beton") -> None:
     """Write `items` to an ffcv file at `path`, byte for byte the same on every run."""
     import_ffcv()
-    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields import IntField
 
     failed = mp.Value("q", -1)
     dataset = DecodedAhead(items, settings["max_resolution"], settings["num_workers"], settings["seed"],
                            failed)
-    fields = {
-        "image": RGBImageField(
-            write_mode=settings["write_mode"], max_resolution=settings["max_resolution"],
-            jpeg_quality=settings["jpeg_quality"], compress_probability=settings["compress_probability"],
-        ),
-        "label": IntField(),
-    }
+    fields = {"image": image_field(settings), "label": IntField()}
     writer = watched_writer(path, fields, name)
     try:
         writer.from_indexed_dataset(dataset)

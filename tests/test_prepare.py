@@ -378,6 +378,57 @@ def _beton_digests(betons: Path) -> dict[str, str]:
     return {name: prep.sha256(betons / name) for name in ("train.beton", "val.beton")}
 
 
+def _encode(field, image: np.ndarray) -> tuple[int, bytes]:
+    """(ffcv's image mode, stored bytes) of one image through `field.encode`, as ffcv's writer calls it."""
+    destination = np.zeros(1, field.metadata_type)[0]
+    stored = []
+
+    def malloc(size: int):
+        stored.append(np.zeros(size, np.uint8))
+        return 0, stored[-1]
+
+    field.encode(destination, image, malloc)
+    return int(destination["mode"]), stored[0].tobytes()
+
+
+def _restart_interval(jpeg: bytes) -> int:
+    """The DRI segment's interval in MCUs (0: none), read from the markers before the scan."""
+    i = 2
+    while jpeg[i + 1] != 0xDA:
+        length = int.from_bytes(jpeg[i + 2:i + 4], "big")
+        if jpeg[i + 1] == 0xDD:
+            return int.from_bytes(jpeg[i + 4:i + 6], "big")
+        i += 2 + length
+    return 0
+
+
+def test_jpegs_carry_restart_markers_and_the_same_pixels_and_draws():
+    """prepare.jpeg_restart_interval: the JPEGs say it (0: none, ffcv's own encoder) and decode to the
+    same pixels; raw images, and the JPEG-or-raw draw of 'proportion', are ffcv's."""
+    import cv2
+
+    settings = {**params_mod.load(ROOT / "params.yaml")["prepare"], "max_resolution": 64}
+    image = np.random.default_rng(0).integers(0, 256, (50, 70, 3), np.uint8)
+    jpegs = {}
+    for interval in (0, 1, 3):
+        field = prep.image_field({**settings, "write_mode": "jpg", "jpeg_restart_interval": interval})
+        mode, jpegs[interval] = _encode(field, image)
+        assert mode == 0 and _restart_interval(jpegs[interval]) == interval
+    assert len(jpegs[1]) > len(jpegs[3]) > len(jpegs[0])  # two bytes or so a marker
+    pixels = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for j in jpegs.values()]
+    assert all(np.array_equal(p, pixels[0]) for p in pixels)
+    raw = [_encode(prep.image_field({**settings, "write_mode": "raw", "jpeg_restart_interval": i}), image)
+           for i in (0, 1)]
+    assert raw[0] == raw[1] and raw[0][0] == 1 and len(raw[0][1]) == 45 * 64 * 3  # resized to max_resolution
+    draws = {}
+    for interval in (0, 1):
+        field = prep.image_field({**settings, "write_mode": "proportion", "compress_probability": 0.5,
+                                  "jpeg_restart_interval": interval})
+        np.random.seed(7)
+        draws[interval] = [_encode(field, image)[0] for _ in range(20)]
+    assert draws[0] == draws[1] and 0 < sum(draws[0]) < 20
+
+
 @pytest.mark.parametrize("mode", ["raw", "jpg", "proportion"])
 def test_two_prepares_are_byte_identical(tmp_path, noise_source, mode):
     def run(folder: str, workers: int = 2, seed: int = 0) -> Path:

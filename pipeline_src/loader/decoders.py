@@ -3,7 +3,8 @@
 The crop decoder reads only what its box needs: a JPEG is decoded at the smallest scale 1/2, 1/4
 or 1/8 that still covers the output (`decode_scale`) and, where the C library `_jpegcrop.so` is
 built (`make setup` compiles jpegcrop.c against the system libjpeg-turbo), only the rows and
-columns of the box (`crop_decode`). Without the library, or when it reports an error, it falls
+columns of the box (`crop_decode`); in a JPEG with restart markers (as prepare writes them), only
+the restart intervals that hold the box. Without the library, or when it reports an error, it falls
 back to ffcv's full-image decode at the same scale: the crop's pixels are the same either way.
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ def _load_crop_library() -> ctypes.CDLL | None:
                                     ctypes.c_void_p]
     library.crop_decode.restype = ctypes.c_int
     library.crop_decode_count.restype = ctypes.c_uint64
+    library.crop_decode_interval_count.restype = ctypes.c_uint64
     return library
 
 
@@ -53,6 +55,11 @@ _crop_decode_c = _library.crop_decode if HAS_CROP_DECODE else None
 def decoded_regions() -> int:
     """How many crop regions this process decoded through the library (0 without it)."""
     return int(_library.crop_decode_count()) if HAS_CROP_DECODE else 0
+
+
+def decoded_interval_regions() -> int:
+    """How many of those were cut from a JPEG's restart intervals (`prepare.jpeg_restart_interval`)."""
+    return int(_library.crop_decode_interval_count()) if HAS_CROP_DECODE else 0
 
 
 def crop_decode(data: np.ndarray, dst: np.ndarray, scale: int, top: int, left: int, height: int, width: int,
