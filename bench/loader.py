@@ -9,15 +9,17 @@ page cache, worker start-up), timed blocks of --epochs epochs alternate the load
 reversed every repeat (ABC CBA ABC ...), so load from other processes hits all; each loader's
 figure is the median of its --repeats blocks. Also measured: single-threaded JPEG decode of the
 same files with PIL, OpenCV and ffcv's libjpeg-turbo decoder (the ceiling of a loader that decodes
-every pixel, per core), our decoder's stages one at a time on those files, and the start-up of our
-loader in a fresh process with an empty and with a filled numba cache.
+every pixel, per core), our decoder's stages one at a time on the JPEGs of our beton, and the
+start-up of our loader in a fresh process with an empty and with a filled numba cache. Our beton is
+written as prepare writes one (`prepare.jpeg_restart_interval` of the params file); stock FFCV
+reads a beton of ffcv's own JPEG field.
 
     python bench/loader.py [--images 2000] [--epochs 1] [--repeats 5] [--res 128] [--workers 2] [--batch 64]
     python bench/loader.py --min-size 48 --max-size 96 --res 32     # the CPU profile's images
 
 Prints one JSON object; `speedup` = ours / torchvision images/s (medians), `speedup_vs_ffcv` =
 ours / stock FFCV, `speedup_paired` the median of the per-repeat ratios. The synthetic data and the
-beton are cached in --workdir (default $TMPDIR/tricks-bench-loader) and reused by later runs.
+betons are cached in --workdir (default $TMPDIR/tricks-bench-loader) and reused by later runs.
 """
 from __future__ import annotations
 
@@ -42,29 +44,47 @@ sys.path.insert(0, str(REPO))
 from pipeline_src import params as params_mod  # noqa: E402
 from pipeline_src.io import atomic_path, write_json  # noqa: E402
 from pipeline_src.loader import draws, make_train_loader  # noqa: E402
+from pipeline_src.prepare import image_field  # noqa: E402
 from pipeline_src.synthetic import generate_imagenet  # noqa: E402
 
 
-def prepare_data(workdir: Path, images: int, min_size: int, max_size: int) -> tuple[Path, Path]:
-    """The synthetic train folder and a JPEG beton of it, made once per configuration."""
+def prepare_data(workdir: Path, images: int, min_size: int, max_size: int,
+                 restart_interval: int) -> tuple[Path, Path, Path]:
+    """The synthetic train folder and two JPEG betons of it (quality 90), made once per configuration:
+    ours as prepare writes it (a restart marker every `restart_interval` MCUs), and stock FFCV's as
+    its users write it (ffcv's own `RGBImageField`, no restart markers)."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    from torchvision.datasets import ImageFolder
+
     classes = 10
     cfg = {"seed": 0, "classes": classes, "train_per_class": -(-images // classes), "val_per_class": 1,
            "min_size": min_size, "max_size": max_size, "scene_size": [96, 128]}
     root = workdir / f"n{cfg['train_per_class'] * classes}_{min_size}-{max_size}"
-    marker = root / "done.json"
-    beton = root / "train.beton"
-    if not marker.is_file():
+    if not (root / "done.json").is_file():
         print(f"generating {cfg['train_per_class'] * classes} images in {root} (once)", file=sys.stderr)
         generate_imagenet(root, cfg)
-        from ffcv.fields import IntField, RGBImageField
-        from ffcv.writer import DatasetWriter
-        from torchvision.datasets import ImageFolder
+        write_json(root / "done.json", cfg)
+    settings = {"write_mode": "jpg", "max_resolution": None, "jpeg_quality": 90, "compress_probability": 0.5,
+                "jpeg_restart_interval": restart_interval}
+    ours, stock = root / f"train_restart{restart_interval}.beton", root / "train.beton"
+    for beton, field in ((ours, image_field(settings)), (stock, RGBImageField(write_mode="jpg", jpeg_quality=90))):
+        if not beton.is_file():
+            with atomic_path(beton) as tmp:
+                DatasetWriter(str(tmp), {"image": field, "label": IntField()},
+                              num_workers=2).from_indexed_dataset(ImageFolder(root / "imagenet/train"))
+    return root / "imagenet/train", ours, stock
 
-        fields = {"image": RGBImageField(write_mode="jpg", jpeg_quality=90), "label": IntField()}
-        with atomic_path(beton) as tmp:
-            DatasetWriter(str(tmp), fields, num_workers=2).from_indexed_dataset(ImageFolder(root / "imagenet/train"))
-        write_json(marker, cfg)
-    return root / "imagenet/train", beton
+
+def beton_jpegs(beton: Path, indices: list[int]) -> list[np.ndarray]:
+    """The stored JPEG bytes of these samples of a beton (image field, all JPEG)."""
+    from ffcv.reader import Reader
+
+    reader = Reader(str(beton))
+    pointers = reader.metadata["f0"]["data_ptr"]
+    sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
+    data = np.memmap(beton, np.uint8, "r")
+    return [np.array(data[p:p + sizes[p]]) for p in pointers[indices].tolist()]
 
 
 class Lighting:
@@ -136,7 +156,7 @@ class BatchColor:
 
 
 class StockFFCV:
-    """ffcv's own decoder and transforms (see BatchColor) over our beton."""
+    """ffcv's own decoder and transforms (see BatchColor) over its own beton."""
 
     def __init__(self, beton: Path, params: dict, batch: int, workers: int):
         from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
@@ -235,12 +255,13 @@ def decode_rates(files: list[Path], rounds: int = STAGE_ROUNDS) -> dict:
     return out
 
 
-def stage_costs(files: list[Path], params: dict, rounds: int = STAGE_ROUNDS) -> dict:
+def stage_costs(ours: list[np.ndarray], stock: list[np.ndarray], params: dict, rounds: int = STAGE_ROUNDS) -> dict:
     """Our decoder's stages one at a time, single-threaded, on the crops the loader draws (seed 0,
-    epoch 0): microseconds per image of CPU time (`time.thread_time_ns` around each call), the median
-    of `rounds` passes over the files with the stages' order reversed every pass. One pass of each
-    varied by up to 2x on a quiet machine, and the resize, timed as (region + resize) - region
-    before, even came out negative."""
+    epoch 0) from the JPEGs of our beton (`ours`; `stock`: the same images in stock FFCV's beton,
+    without restart markers): microseconds per image of CPU time (`time.thread_time_ns` around each
+    call), the median of `rounds` passes over the files with the stages' order reversed every pass.
+    One pass of each varied by up to 2x on a quiet machine, and the resize, timed as (region +
+    resize) - region before, even came out negative."""
     from ffcv.libffcv import imdecode
     from PIL import Image
 
@@ -248,37 +269,36 @@ def stage_costs(files: list[Path], params: dict, rounds: int = STAGE_ROUNDS) -> 
 
     a, cfg = params["augment"], params["loader"]
     res, max_scale = cfg["res"], cfg["max_decode_scale"]
-    blobs = [np.frombuffer(f.read_bytes(), np.uint8) for f in files]
     jobs = []
-    for i, blob in enumerate(blobs):
+    for i, (blob, plain) in enumerate(zip(ours, stock)):
         width, height = Image.open(io.BytesIO(blob.tobytes())).size
         top, left, h, w = draws.random_crop(np.uint64(draws.sample_key(0, 0, i, draws.STREAM_CROP)), height, width,
                                             *a["crop_area"], *a["crop_ratio"])
         scale = kernels.decode_scale(h, w, res, res, max_scale) if h >= res and w >= res else 1
-        jobs.append((blob, height, width, top, left, h, w, scale))
+        jobs.append((blob, height, width, top, left, h, w, scale, plain))
     buffer = np.empty(max(j[1] * j[2] for j in jobs) * 3, np.uint8)
     region, crop, out = np.zeros(2, np.int64), np.empty((res, res, 3), np.uint8), np.empty((res, res, 3), np.float32)
     strengths = np.array([a["brightness"], a["contrast"], a["saturation"], a["hue"]])
     mean = np.array(a["mean"], np.float32)
     inv_std = (1 / np.array(a["std"])).astype(np.float32)
 
-    def full(job, scale):
-        blob, height, width = job[:3]
-        imdecode(blob, buffer, height, width, height, width, 0, 0, 1, scale, False, False)
+    def full(job, scale, blob=None):
+        height, width = job[1:3]
+        imdecode(job[0] if blob is None else blob, buffer, height, width, height, width, 0, 0, 1, scale, False, False)
 
     def rows_cols(job):
-        blob, height, width, top, left, h, w, scale = job
+        height, width, top, left, h, w, scale = job[1:8]
         sh, sw = -(-height // scale), -(-width // scale)
         r0, r1 = decoders.region_rows(top, h, scale, sh)
         c0, c1 = decoders.region_rows(left, w, scale, sw)
         return r0, r1, max(c0 - 1, 0), min(c1 + 1, sw)
 
-    def region_decode(job):
+    def region_decode(job, blob=None):
         r0, r1, c0, c1 = rows_cols(job)
-        decoders.crop_decode(job[0], buffer, job[7], r0, c0, r1 - r0, c1 - c0, region)
+        decoders.crop_decode(job[0] if blob is None else blob, buffer, job[7], r0, c0, r1 - r0, c1 - c0, region)
 
     def resize(job):
-        blob, height, width, top, left, h, w, scale = job
+        top, left, h, w, scale = job[3:8]
         r0, r1, c0, c1 = rows_cols(job)
         image = buffer[:3 * (r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0, 3)
         if h >= res and w >= res:
@@ -299,9 +319,11 @@ def stage_costs(files: list[Path], params: dict, rounds: int = STAGE_ROUNDS) -> 
             total += time.thread_time_ns() - start
         return total / len(jobs) / 1000
 
-    stages = {"full_decode": (lambda j: full(j, 1), None), "scaled_full_decode": (lambda j: full(j, j[7]), None)}
+    stages = {"full_decode": (lambda j: full(j, 1), None), "full_decode_stock_jpeg": (lambda j: full(j, 1, j[8]), None),
+              "scaled_full_decode": (lambda j: full(j, j[7]), None)}
     if decoders.HAS_CROP_DECODE:
-        stages.update(region_decode=(region_decode, None), area_resize=(resize, region_decode))
+        stages.update(region_decode=(region_decode, None), area_resize=(resize, region_decode),
+                      region_decode_stock_jpeg=(lambda j: region_decode(j, j[8]), None))
     stages["fused_augment"] = (augment, None)
     for fn, before in stages.values():  # compile
         if before is not None:
@@ -367,7 +389,8 @@ def main(argv: list[str] | None = None) -> dict:
     sets = [f"loader.res={args.res}", f"loader.num_workers={args.workers}", "loader.order=random",
             "loader.drop_last=true", "loader.os_cache=true"]
     params = params_mod.load(args.params, sets)
-    train_dir, beton = prepare_data(args.workdir, args.images, args.min_size, args.max_size)
+    train_dir, beton, stock_beton = prepare_data(args.workdir, args.images, args.min_size, args.max_size,
+                                                 params["prepare"]["jpeg_restart_interval"])
 
     load_before = round(os.getloadavg()[0], 2)
     # numba's TBB pool prints a warning on stdout when the DataLoader forks its workers: keep
@@ -380,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
         # has its buffers (ours keeps one set for all epochs) makes its next writes copy-on-write faults
         timed = interleave({"torchvision": torchvision_loader(train_dir, params, args.batch, args.workers),
                             "ffcv": make_train_loader(beton, params, args.batch, 0, torch.device("cpu")),
-                            "stock_ffcv": StockFFCV(beton, params, args.batch, args.workers)},
+                            "stock_ffcv": StockFFCV(stock_beton, params, args.batch, args.workers)},
                            args.epochs, args.repeats)
     finally:
         sys.stdout.flush()
@@ -388,7 +411,9 @@ def main(argv: list[str] | None = None) -> dict:
         os.dup2(stdout_fd, 1)
         os.close(stdout_fd)
     ffcv, tv, stock = timed["ffcv"], timed["torchvision"], timed["stock_ffcv"]
-    files = sorted(train_dir.rglob("*.JPEG"))[:: max(1, args.images // args.decode_files)][: args.decode_files]
+    picked = list(range(0, args.images, max(1, args.images // args.decode_files)))[: args.decode_files]
+    all_files = sorted(train_dir.rglob("*.JPEG"))  # ImageFolder's order: the betons'
+    files = [all_files[i] for i in picked]
     decode = decode_rates(files)
     per_core = ffcv["images_per_s"] / args.workers
     turbo = decode["ffcv_turbojpeg"]
@@ -413,7 +438,8 @@ def main(argv: list[str] | None = None) -> dict:
         "ffcv_cpu_per_core_over_turbojpeg_decode": round(1000 / ffcv["cpu_ms_per_image"] / decode["ffcv_turbojpeg_cpu"], 2),
         "stock_ffcv_cpu_per_core_over_turbojpeg_decode": round(1000 / stock["cpu_ms_per_image"]
                                                                / decode["ffcv_turbojpeg_cpu"], 2),
-        "stages_us_per_image_one_core": stage_costs(files, params),
+        "stages_us_per_image_one_core": stage_costs(beton_jpegs(beton, picked), beton_jpegs(stock_beton, picked),
+                                                    params),
         "startup_seconds": startup_seconds(beton, args.params, sets) if args.startup else None,
         "cpu_count": os.cpu_count(),
         "load_average_1min": round(os.getloadavg()[0], 2),
