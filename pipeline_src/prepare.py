@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 from PIL import Image
@@ -45,7 +45,9 @@ from pipeline_src.io import (IMAGE_SUFFIXES, MB, DiskFullError, atomic_path, che
                              write_json)
 from pipeline_src.locks import dir_lock
 
-# The extensions torchvision's ImageFolder accepts; anything else (and any dotfile) is not an image.
+if TYPE_CHECKING:
+    from ffcv.fields import RGBImageField
+
 VAL_SOLUTION = "LOC_val_solution.csv"  # Kaggle's labels for a flat val/ folder
 SYNSET_MAPPING = "LOC_synset_mapping.txt"  # Kaggle's "wnid name, name" lines (optional)
 KAGGLE_SUBDIR = ("ILSVRC", "Data", "CLS-LOC")  # where Kaggle keeps train/ and val/ below its CSVs
@@ -482,7 +484,7 @@ def beton_bytes(sizes: list[tuple[int, int]], settings: dict) -> int:
     return max(1, -(-int(data) // PAGE_SIZE)) * PAGE_SIZE + len(sizes) * METADATA_BYTES
 
 
-def image_field(settings: dict):
+def image_field(settings: dict) -> RGBImageField:
     """ffcv's `RGBImageField` with `settings`' (prepare's) write mode, size and quality, its JPEGs
     carrying a restart marker every `jpeg_restart_interval` MCUs (0: ffcv's own encoder). The
     loader's crop decoder then Huffman-decodes only the restart intervals a crop touches
