@@ -584,6 +584,7 @@ def test_crop_decode_equals_the_full_decode_then_crop(subsampling, restart):
     # of 120 boxes, all but those that span the image with their margin (measured: 108-117, rows of 4:2:0: 92)
     assert intervals >= 90 if cut else intervals == 0
     assert decoders.crop_decode(data[:100], out, 2, 0, 0, 10, 10, region) == -1  # truncated: an error, no crash
+    assert decoders.crop_decode(data, out, 16, 0, 0, 4, 4, region) in (0, -1)  # not 1/2/4/8: libjpeg's say, no crash
     assert decoders.crop_decode(data, out, 2, 0, 0, 200, 10, region) == -1  # box outside the scaled image
 
 

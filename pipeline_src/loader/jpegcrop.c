@@ -174,6 +174,7 @@ static int decode_by_intervals(const uint8_t *src, uint64_t size, uint8_t *dst, 
   if (read_layout(src, (size_t)size, &L) != 0 || L.interval == 0) return 1;
   const unsigned per_row = (L.width + L.mcu_w - 1) / L.mcu_w, rows = (L.height + L.mcu_h - 1) / L.mcu_h;
   if (per_row % L.interval != 0 || top < 0 || left < 0 || height < 1 || width < 1) return 1;
+  if (denom < 1 || L.mcu_h % (unsigned)denom != 0 || L.mcu_w % (unsigned)denom != 0) return 1;  /* not 1/2/4/8 */
   /* the box in scaled pixels, against intervals of seg_w x unit_h scaled pixels */
   const unsigned cols = per_row / L.interval, unit_h = L.mcu_h / (unsigned)denom;
   const unsigned seg_w = L.interval * L.mcu_w / (unsigned)denom;
